@@ -1,0 +1,487 @@
+/*
+ * liblora: train, merge, extract and apply LoRA networks for Stable Diffusion v1/v2.
+ *
+ * This header is the whole public interface and its documentation. Every function block
+ * states its parameters, ownership, thread rules, errors and the version it was added in.
+ *
+ * ---------------------------------------------------------------------------------------
+ * ABI RULES
+ *   - Handles are opaque. Objects are created through an out-parameter (`T **out`), which is
+ *     set to NULL on failure. Every fallible function returns an `lora_status` (int32_t);
+ *     LORA_OK is 0. Status numbers are pinned: never renumbered, only appended.
+ *   - No C enums, structs, bool or varargs appear in signatures; enumerations are int32_t
+ *     with named constants of pinned value.
+ *   - Pass LORA_ABI_VERSION to lora_ctx_create(); a library with a different ABI refuses with
+ *     LORA_E_ABI_MISMATCH instead of misbehaving later.
+ *
+ * THREADS
+ *   Distinct contexts may be used from different threads at once. A context and everything
+ *   created from it must be used by one thread at a time; an overlapping call is detected and
+ *   returns LORA_E_BUSY. The only exception is lora_ctx_cancel(), which any thread may call
+ *   at any time. Callbacks run on the thread that made the call, never on worker threads.
+ *   Functions that take no context (versions, status names, parameter key lookup) are
+ *   thread-safe everywhere.
+ *
+ * OWNERSHIP
+ *   Input strings and arrays are copied; the caller keeps ownership of what it passes in.
+ *   Returned `const char *` values are borrowed: static strings live forever; per-context
+ *   strings (lora_errmsg) stay valid until the next call on that context. Every `_free`
+ *   function accepts NULL. Memory the library allocates is freed only by the library.
+ *
+ * ERRORS
+ *   On failure the context records the status and a message naming the file, tensor, key or
+ *   byte offset that is wrong; read it with lora_errmsg() or lora_errmsg_copy(). The library
+ *   never calls exit() or abort(), never prints to stdout, and never longjmps across this
+ *   interface.
+ * ---------------------------------------------------------------------------------------
+ */
+#ifndef LORA_LORA_H
+#define LORA_LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lora_version.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && !defined(LORA_STATIC)
+#  ifdef LORA_BUILDING
+#    define LORA_API __declspec(dllexport)
+#  else
+#    define LORA_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__) || defined(__clang__)
+#  define LORA_API __attribute__((visibility("default")))
+#else
+#  define LORA_API
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define LORA_DEPRECATED(msg) __attribute__((deprecated(msg)))
+#elif defined(_MSC_VER)
+#  define LORA_DEPRECATED(msg) __declspec(deprecated(msg))
+#else
+#  define LORA_DEPRECATED(msg)
+#endif
+
+/* ======================================================================================
+ * Status codes. Grouped by hundreds: 1-99 generic, 100-199 I/O, 200-299 safetensors,
+ * 300-399 pickle checkpoints, 400-499 data and configuration, 500-599 model semantics,
+ * 600-699 training, 700-799 GPU. `code / 100` is the category. Pinned forever.
+ * ====================================================================================== */
+typedef int32_t lora_status;
+
+#define LORA_OK                        0
+/* generic */
+#define LORA_E_INVALID_ARG             1   /* NULL handle, bad pointer, wrong key type */
+#define LORA_E_NOMEM                   2   /* allocation failed */
+#define LORA_E_LIMIT                   3   /* a resource cap was hit (rank, count, size) */
+#define LORA_E_BUSY                    4   /* the context is in use by another call */
+#define LORA_E_CANCELLED               5   /* cancelled by lora_ctx_cancel or a callback */
+#define LORA_E_INTERNAL                6   /* a bug in liblora: please report it */
+#define LORA_E_UNSUPPORTED             7   /* valid request this build cannot do */
+#define LORA_E_ABI_MISMATCH            8   /* header and library ABI versions differ */
+#define LORA_E_UNKNOWN_KEY             9   /* parameter name or number not known */
+/* I/O */
+#define LORA_E_IO                    100   /* read/write/open/fsync failed */
+#define LORA_E_NOSPACE               101   /* disk full (ENOSPC, EDQUOT) */
+#define LORA_E_DEST_BUSY             102   /* destination cannot be replaced now */
+#define LORA_E_NOT_FOUND             103   /* file or folder does not exist */
+#define LORA_E_NOT_A_MODEL           104   /* file is something else (LFS pointer, HTML, ...) */
+/* safetensors (1:1 with the reference reader's errors, plus duplicates) */
+#define LORA_E_ST_HEADER_TOO_SMALL   200   /* file shorter than the 8-byte length */
+#define LORA_E_ST_HEADER_TOO_LARGE   201   /* header length above 100,000,000 bytes */
+#define LORA_E_ST_HEADER_LENGTH      202   /* header length runs past the end of file */
+#define LORA_E_ST_HEADER_UTF8        203   /* header is not valid UTF-8 */
+#define LORA_E_ST_HEADER_JSON        204   /* header is not the expected JSON */
+#define LORA_E_ST_DUPLICATE_KEY      205   /* a key appears twice at some level */
+#define LORA_E_ST_METADATA_TYPE      206   /* __metadata__ is not a str->str map */
+#define LORA_E_ST_DTYPE              207   /* unknown dtype string */
+#define LORA_E_ST_SHAPE_OVERFLOW     208   /* shape product or byte size overflows */
+#define LORA_E_ST_SIZE_MISMATCH      209   /* data_offsets span != shape * dtype size */
+#define LORA_E_ST_OFFSETS            210   /* offsets overlap, leave a gap or go backwards */
+#define LORA_E_ST_INCOMPLETE         211   /* data does not end exactly at end of file */
+#define LORA_E_ST_SUBBYTE            212   /* sub-byte dtype does not fill whole bytes */
+/* pickle checkpoints (.ckpt/.pt/.bin) */
+#define LORA_E_CKPT_ZIP_CORRUPT      300
+#define LORA_E_CKPT_ZIP_ENTRY        301
+#define LORA_E_CKPT_ZIP_COMPRESSED   302
+#define LORA_E_CKPT_ZIP_OVERLAP      303
+#define LORA_E_CKPT_PICKLE_OPCODE    304
+#define LORA_E_CKPT_PICKLE_STRUCT    305
+#define LORA_E_CKPT_UNSAFE_GLOBAL    306
+#define LORA_E_CKPT_STORAGE_SIZE     307
+#define LORA_E_CKPT_NO_TENSORS       308
+#define LORA_E_UNSUPPORTED_LAYOUT    309
+/* data and configuration */
+#define LORA_E_IMG_DECODE            400
+#define LORA_E_IMG_TOO_LARGE         401
+#define LORA_E_IMG_UNSUPPORTED       402
+#define LORA_E_CAPTION_ENCODING      403
+#define LORA_E_CAPTION_TOO_LONG      404
+#define LORA_E_CONFIG_RANGE          405   /* a parameter value is out of range or malformed */
+/* model semantics */
+#define LORA_E_NO_MATCHING_KEYS      500
+#define LORA_E_SHAPE_MISMATCH        501
+#define LORA_E_NONFINITE_INPUT       502
+#define LORA_E_NONFINITE_WEIGHTS     503
+#define LORA_E_NONFINITE_LATENT      504
+/* training */
+#define LORA_E_NAN_LOSS              600
+#define LORA_E_RESUME_MISMATCH       601
+/* GPU */
+#define LORA_E_NO_GPU                700   /* CUDA not compiled in, no device, or not usable */
+#define LORA_E_DRIVER                701   /* driver too old for this build's CUDA runtime */
+#define LORA_E_GPU_OOM               702   /* device allocation failed (recoverable) */
+#define LORA_E_GPU_FATAL             703   /* sticky CUDA error: restart the process */
+
+/* ======================================================================================
+ * Versions and build facts. Thread-safe, no context needed.
+ * ====================================================================================== */
+
+/* Library version as MAJOR*10000 + MINOR*100 + PATCH (same form as LORA_VERSION_NUMBER).
+ * Since 0.1.0. */
+LORA_API uint32_t lora_version(void);
+
+/* Library version as a static string such as "0.1.0". Never NULL. Since 0.1.0. */
+LORA_API const char *lora_version_string(void);
+
+/* ABI version of the library (the soname major, liblora.so.N). Compare with
+ * LORA_ABI_VERSION from the header you compiled against. Since 0.1.0. */
+LORA_API uint32_t lora_abi_version(void);
+
+/* Static, space-separated description of what this build contains, for bug reports, e.g.
+ * "cpu blas=openblas openmp cuda=13.0 sm_90". Never NULL. Since 0.1.0. */
+LORA_API const char *lora_build_features(void);
+
+/* Backends. */
+typedef int32_t lora_backend;
+#define LORA_BACKEND_AUTO 0   /* CUDA when usable, else CPU */
+#define LORA_BACKEND_CPU  1   /* fp32 reference backend: BLAS + OpenMP */
+#define LORA_BACKEND_CUDA 2   /* cuBLAS/cuBLASLt and liblora's kernels */
+
+/* Returns 1 when `backend` is compiled in AND usable now (for CUDA: a device answers and the
+ * driver is new enough), else 0. Probes CUDA once per process (thread-safe one-time init);
+ * never fails, never prints. Since 0.1.0. */
+LORA_API int32_t lora_backend_available(lora_backend backend);
+
+/* ======================================================================================
+ * Status names and messages.
+ * ====================================================================================== */
+
+/* Static name of a status, e.g. "LORA_E_ST_OFFSETS"; "LORA_E_UNKNOWN_STATUS" for numbers
+ * this version does not know. Never NULL. Thread-safe. Since 0.1.0. */
+LORA_API const char *lora_status_name(lora_status s);
+
+/* Static one-sentence English description of a status. Never NULL. Thread-safe.
+ * Since 0.1.0. */
+LORA_API const char *lora_status_string(lora_status s);
+
+typedef struct lora_ctx lora_ctx;
+
+/* Status of the last failed call on `ctx` (LORA_OK when the last call succeeded).
+ * Returns LORA_E_INVALID_ARG for a NULL context. Since 0.1.0. */
+LORA_API lora_status lora_errcode(const lora_ctx *ctx);
+
+/* Detailed message of the last failed call on `ctx`: names the file, tensor, key or byte
+ * offset. Borrowed: valid until the next call on `ctx`. "" after a successful call;
+ * "no context" for NULL. Since 0.1.0. */
+LORA_API const char *lora_errmsg(const lora_ctx *ctx);
+
+/* Copies the last message into `buf` (NUL-terminated, truncated to `cap`) and returns the
+ * size needed including the NUL. `buf` may be NULL when `cap` is 0 (size query). May be
+ * called from another thread than the one using `ctx` as long as no call on `ctx` runs at
+ * that moment. Since 0.1.0. */
+LORA_API size_t lora_errmsg_copy(const lora_ctx *ctx, char *buf, size_t cap);
+
+/* ======================================================================================
+ * Callbacks and hooks (per context).
+ * ====================================================================================== */
+typedef int32_t lora_log_level;
+#define LORA_LOG_DEBUG 0
+#define LORA_LOG_INFO  1
+#define LORA_LOG_WARN  2
+#define LORA_LOG_ERROR 3
+
+typedef int32_t lora_phase;
+#define LORA_PHASE_LOAD          1
+#define LORA_PHASE_CACHE_LATENTS 2
+#define LORA_PHASE_TRAIN_STEP    3
+#define LORA_PHASE_SAVE          4
+#define LORA_PHASE_SAMPLE_STEP   5
+#define LORA_PHASE_DECODE        6
+#define LORA_PHASE_MERGE         7
+#define LORA_PHASE_EXTRACT       8
+
+/* Log sink: `message` is a NUL-terminated UTF-8 line without trailing newline, borrowed for
+ * the duration of the call. Called on the thread that made the library call. */
+typedef void (*lora_log_fn)(void *user, lora_log_level level, const char *message);
+
+/* Progress: `value` is the loss for LORA_PHASE_TRAIN_STEP, else NaN. Return non-zero to
+ * cancel; the running call then returns LORA_E_CANCELLED at its next safe point.
+ * Must not call back into the same context. */
+typedef int32_t (*lora_progress_fn)(void *user, lora_phase phase, int64_t done, int64_t total,
+                                    double value);
+
+/* Allocator hooks: `alignment` is a power of two >= sizeof(void *). Return NULL on failure.
+ * `free` receives exactly the pointers `alloc` returned (never NULL). */
+typedef void *(*lora_alloc_fn)(void *user, size_t size, size_t alignment);
+typedef void  (*lora_free_fn)(void *user, void *ptr);
+
+/* ======================================================================================
+ * Context.
+ * ====================================================================================== */
+
+/* Creates a context. Pass LORA_ABI_VERSION as `abi_version`: if it differs from the
+ * library's, returns LORA_E_ABI_MISMATCH (and *out = NULL): the program was compiled against
+ * an incompatible header. Defaults: backend AUTO resolved to CPU until lora_ctx_set_backend
+ * is called, threads = number of online CPUs, no log, no progress, malloc-based allocator.
+ * Errors: LORA_E_INVALID_ARG (out NULL), LORA_E_ABI_MISMATCH, LORA_E_NOMEM.
+ * Ownership: free with lora_ctx_free. Since 0.1.0. */
+LORA_API lora_status lora_ctx_create(uint32_t abi_version, lora_ctx **out);
+
+/* Frees the context and its backend resources. NULL is a no-op. Objects created from the
+ * context keep it alive until they are freed. Since 0.1.0. */
+LORA_API void lora_ctx_free(lora_ctx *ctx);
+
+/* Replaces the host allocator for all later allocations of this context. Only allowed
+ * before any allocation through the context's hooks (right after create): otherwise
+ * LORA_E_INVALID_ARG. Both `alloc_fn` and `free_fn` NULL restores the default. One NULL and
+ * one non-NULL is LORA_E_INVALID_ARG. Since 0.1.0. */
+LORA_API lora_status lora_ctx_set_allocator(lora_ctx *ctx, lora_alloc_fn alloc_fn,
+                                            lora_free_fn free_fn, void *user);
+
+/* Chooses the compute backend and device index (0-based; ignored for CPU).
+ * LORA_BACKEND_AUTO picks CUDA device 0 when usable, else CPU, and succeeds.
+ * LORA_BACKEND_CUDA when CUDA is not compiled in or no device answers: LORA_E_NO_GPU (the
+ * message says which); a driver older than the runtime: LORA_E_DRIVER; a device index out of
+ * range: LORA_E_INVALID_ARG. On failure the previous backend stays. Since 0.1.0. */
+LORA_API lora_status lora_ctx_set_backend(lora_ctx *ctx, lora_backend backend, int32_t device);
+
+/* The backend in use (LORA_BACKEND_CPU or LORA_BACKEND_CUDA), or -1 for NULL.
+ * Since 0.1.0. */
+LORA_API lora_backend lora_ctx_get_backend(const lora_ctx *ctx);
+
+/* Sets the number of CPU threads used by this context's CPU work (1..1024; 0 = number of
+ * online CPUs). Applied per call through OpenMP's num_threads clause, so other contexts and
+ * the host's own OpenMP use are not changed. Note: OpenBLAS 0.3.21 has one process-wide
+ * thread count, which liblora does not change. Errors: LORA_E_CONFIG_RANGE. Since 0.1.0. */
+LORA_API lora_status lora_ctx_set_threads(lora_ctx *ctx, int32_t n_threads);
+
+/* Registers the log sink; messages below `min_level` are not formatted. fn NULL turns
+ * logging off (the default: the library is silent). Since 0.1.0. */
+LORA_API void lora_ctx_set_log(lora_ctx *ctx, lora_log_fn fn, void *user,
+                               lora_log_level min_level);
+
+/* Registers the progress callback (NULL = none). Since 0.1.0. */
+LORA_API void lora_ctx_set_progress(lora_ctx *ctx, lora_progress_fn fn, void *user);
+
+/* Requests cancellation of the call running on `ctx`, from any thread, at any time
+ * (async-signal-safe: one atomic store). The running call returns LORA_E_CANCELLED at its
+ * next safe point; the request is cleared when the next call starts. NULL is a no-op.
+ * Since 0.1.0. */
+LORA_API void lora_ctx_cancel(lora_ctx *ctx);
+
+/* Memory accounting of the context. Any out pointer may be NULL.
+ * host_bytes: bytes currently allocated through the context's host allocator;
+ * host_peak: the highest value host_bytes reached; device_bytes / device_free: bytes held by
+ * the context on its CUDA device and free on the device (0 when the backend is CPU).
+ * Since 0.1.0. */
+LORA_API lora_status lora_ctx_memory(const lora_ctx *ctx, uint64_t *host_bytes,
+                                     uint64_t *host_peak, uint64_t *device_bytes,
+                                     uint64_t *device_free);
+
+/* ======================================================================================
+ * Parameter bags. Keys are pinned numbers whose names are kohya sd-scripts flag names
+ * (without "--"). Ranges: 1000 load, 2000 network, 3000 training, 4000 generation,
+ * 5000 merge/extract, 6000 save. Keys are never renumbered; new keys are a minor release.
+ * A bag belongs to the context that created it (same thread rules).
+ * ====================================================================================== */
+typedef struct lora_params lora_params;
+typedef int32_t lora_param;
+typedef int32_t lora_param_type;
+#define LORA_PARAM_INT    1
+#define LORA_PARAM_FLOAT  2
+#define LORA_PARAM_STRING 3
+
+/* load */
+#define LORA_P_PRETRAINED_MODEL_NAME_OR_PATH 1001 /* string, "" */
+#define LORA_P_V2                            1002 /* int 0/1, 0 */
+#define LORA_P_V_PARAMETERIZATION            1003 /* int 0/1, 0 */
+/* network */
+#define LORA_P_NETWORK_DIM                   2001 /* int 1..4096, 4 (kohya: None -> 4) */
+#define LORA_P_NETWORK_ALPHA                 2002 /* float 0..65536, 1 (0 = same as dim) */
+#define LORA_P_NETWORK_MODULE                2003 /* string "networks.lora" */
+#define LORA_P_NETWORK_WEIGHTS               2004 /* string path, "" */
+#define LORA_P_NETWORK_TRAIN_UNET_ONLY       2005 /* int 0/1, 0 */
+#define LORA_P_NETWORK_TRAIN_TEXT_ENCODER_ONLY 2006 /* int 0/1, 0 */
+#define LORA_P_CONV_DIM                      2007 /* int 0..4096, 0 = no conv 3x3 LoRA */
+#define LORA_P_CONV_ALPHA                    2008 /* float 0..65536, 1 */
+/* training */
+#define LORA_P_LEARNING_RATE                 3001 /* float 0..10, 2e-6 (kohya's default) */
+#define LORA_P_UNET_LR                       3002 /* float 0..10, 0 = use learning_rate */
+#define LORA_P_TEXT_ENCODER_LR               3003 /* float 0..10, 0 = use learning_rate */
+#define LORA_P_RESOLUTION                    3004 /* string "W" or "W,H", multiples of 8, "512" */
+#define LORA_P_TRAIN_BATCH_SIZE              3005 /* int 1..1024, 1 */
+#define LORA_P_MAX_TRAIN_STEPS               3006 /* int 1..2^31-1, 1600 */
+#define LORA_P_MAX_TRAIN_EPOCHS              3007 /* int 0..1e6, 0 = not set */
+#define LORA_P_SEED                          3008 /* int -1..2^32-1, -1 = not set */
+#define LORA_P_MIXED_PRECISION               3009 /* string no|fp16|bf16, "no" */
+#define LORA_P_GRADIENT_ACCUMULATION_STEPS   3010 /* int 1..4096, 1 */
+#define LORA_P_GRADIENT_CHECKPOINTING        3011 /* int 0/1, 0 */
+#define LORA_P_LR_SCHEDULER                  3012 /* string, "constant" */
+#define LORA_P_LR_WARMUP_STEPS               3013 /* int 0.., 0 */
+#define LORA_P_LR_SCHEDULER_NUM_CYCLES       3014 /* int 1..1e6, 1 */
+#define LORA_P_LR_SCHEDULER_POWER            3015 /* float 0..100, 1 */
+#define LORA_P_OPTIMIZER_TYPE                3016 /* string, "AdamW" */
+#define LORA_P_MAX_GRAD_NORM                 3017 /* float 0..1e6, 1 (0 = no clipping) */
+#define LORA_P_CLIP_SKIP                     3018 /* int 1..12, 1 */
+#define LORA_P_MAX_TOKEN_LENGTH              3019 /* int 75|150|225, 75 */
+#define LORA_P_NOISE_OFFSET                  3020 /* float 0..1, 0 */
+#define LORA_P_MIN_SNR_GAMMA                 3021 /* float 0..1000, 0 = off */
+#define LORA_P_TRAIN_DATA_DIR                3022 /* string path, "" */
+#define LORA_P_REG_DATA_DIR                  3023 /* string path, "" */
+#define LORA_P_CAPTION_EXTENSION             3024 /* string, ".caption" */
+#define LORA_P_SHUFFLE_CAPTION               3025 /* int 0/1, 0 */
+#define LORA_P_KEEP_TOKENS                   3026 /* int 0..1000, 0 */
+#define LORA_P_ENABLE_BUCKET                 3027 /* int 0/1, 0 */
+#define LORA_P_MIN_BUCKET_RESO               3028 /* int 64..8192, 256 */
+#define LORA_P_MAX_BUCKET_RESO               3029 /* int 64..8192, 1024 */
+#define LORA_P_BUCKET_RESO_STEPS             3030 /* int 8..1024, 64 */
+#define LORA_P_BUCKET_NO_UPSCALE             3031 /* int 0/1, 0 */
+#define LORA_P_CACHE_LATENTS                 3032 /* int 0/1, 0 */
+#define LORA_P_FLIP_AUG                      3033 /* int 0/1, 0 */
+#define LORA_P_COLOR_AUG                     3034 /* int 0/1, 0 */
+#define LORA_P_RANDOM_CROP                   3035 /* int 0/1, 0 */
+#define LORA_P_PRIOR_LOSS_WEIGHT             3036 /* float 0..1000, 1 */
+#define LORA_P_CAPTION_DROPOUT_RATE          3037 /* float 0..1, 0 */
+#define LORA_P_SAVE_EVERY_N_EPOCHS           3038 /* int 0..1e6, 0 = only at the end */
+#define LORA_P_OUTPUT_DIR                    3039 /* string path, "" */
+#define LORA_P_OUTPUT_NAME                   3040 /* string, "" (files "last", "epoch-N") */
+#define LORA_P_SAVE_STATE                    3041 /* int 0/1, 0 */
+#define LORA_P_RESUME                        3042 /* string path, "" */
+/* save */
+#define LORA_P_SAVE_MODEL_AS                 6001 /* string ckpt|pt|safetensors|diffusers|diffusers_safetensors, "safetensors" */
+#define LORA_P_SAVE_PRECISION                6002 /* string ""|float|fp16|bf16, "" = keep */
+#define LORA_P_NO_METADATA                   6003 /* int 0/1, 0 */
+
+/* Creates a bag holding every key at its default. Errors: LORA_E_INVALID_ARG,
+ * LORA_E_NOMEM. Free with lora_params_free. Since 0.1.0. */
+LORA_API lora_status lora_params_create(lora_ctx *ctx, lora_params **out);
+
+/* Frees a bag. NULL is a no-op. Since 0.1.0. */
+LORA_API void lora_params_free(lora_params *p);
+
+/* Returns every key to its default. Since 0.1.0. */
+LORA_API lora_status lora_params_reset(lora_params *p);
+
+/* Typed setters. The key's type must match (LORA_E_INVALID_ARG otherwise; FLOAT keys also
+ * accept set_int). Values outside the documented bounds, NaN/Inf, or strings outside the
+ * key's allowed set give LORA_E_CONFIG_RANGE naming the key; the stored value is then
+ * unchanged. Strings are copied (UTF-8, at most 4095 bytes). Unknown key:
+ * LORA_E_UNKNOWN_KEY. Since 0.1.0. */
+LORA_API lora_status lora_params_set_int(lora_params *p, lora_param key, int64_t value);
+LORA_API lora_status lora_params_set_float(lora_params *p, lora_param key, double value);
+LORA_API lora_status lora_params_set_string(lora_params *p, lora_param key, const char *utf8);
+
+/* Sets a key by its kohya name from text, as a command line would: "1e-4", "512,768",
+ * "true"/"false" for 0/1 keys. Numbers are parsed independently of the process locale
+ * ("1,5e-4" is rejected even under a locale whose decimal mark is a comma). Errors:
+ * LORA_E_UNKNOWN_KEY (name), LORA_E_CONFIG_RANGE (value). Since 0.1.0. */
+LORA_API lora_status lora_params_parse(lora_params *p, const char *name, const char *text);
+
+/* Typed getters. get_float also reads INT keys. get_string copies into `buf` (truncated,
+ * NUL-terminated when cap > 0) and stores the size needed including the NUL in `*needed`
+ * (may be NULL). Since 0.1.0. */
+LORA_API lora_status lora_params_get_int(const lora_params *p, lora_param key, int64_t *out);
+LORA_API lora_status lora_params_get_float(const lora_params *p, lora_param key, double *out);
+LORA_API lora_status lora_params_get_string(const lora_params *p, lora_param key, char *buf,
+                                            size_t cap, size_t *needed);
+
+/* Name -> key and type ("learning_rate" -> LORA_P_LEARNING_RATE, LORA_PARAM_FLOAT). A
+ * leading "--" is accepted. Thread-safe, no context. Errors: LORA_E_INVALID_ARG,
+ * LORA_E_UNKNOWN_KEY. Since 0.1.0. */
+LORA_API lora_status lora_param_lookup(const char *name, lora_param *key,
+                                       lora_param_type *type);
+
+/* Key -> static name, or NULL for an unknown key. Thread-safe. Since 0.1.0. */
+LORA_API const char *lora_param_name(lora_param key);
+
+/* Bounds and default of a numeric key (any out pointer may be NULL). STRING keys give
+ * LORA_E_INVALID_ARG. Thread-safe. Since 0.1.0. */
+LORA_API lora_status lora_param_bounds(lora_param key, double *min, double *max,
+                                       double *default_value);
+
+/* Enumerates keys: the key at `index` (0-based) in ascending order, or 0 past the end.
+ * Lets bindings build their keyword tables. Thread-safe. Since 0.1.0. */
+LORA_API lora_param lora_param_at(int32_t index);
+
+/* ======================================================================================
+ * Tensor files (safetensors): inspect what a file holds, without loading it.
+ * ====================================================================================== */
+typedef struct lora_file lora_file;
+
+typedef int32_t lora_dtype;   /* pinned numbers; names as in safetensors headers */
+#define LORA_DTYPE_F32   1
+#define LORA_DTYPE_F16   2
+#define LORA_DTYPE_BF16  3
+#define LORA_DTYPE_F64   4
+#define LORA_DTYPE_I64   5
+#define LORA_DTYPE_I32   6
+#define LORA_DTYPE_U8    7
+#define LORA_DTYPE_I16   8
+#define LORA_DTYPE_I8    9
+#define LORA_DTYPE_BOOL  10
+#define LORA_DTYPE_U16   11
+#define LORA_DTYPE_U32   12
+#define LORA_DTYPE_U64   13
+#define LORA_DTYPE_F8_E4M3 14
+#define LORA_DTYPE_F8_E5M2 15
+#define LORA_DTYPE_OTHER 99   /* a valid safetensors dtype liblora does not compute with */
+
+/* Opens and validates a .safetensors file (every rule of the format: header size, UTF-8,
+ * strict JSON without duplicate keys, dtypes, overflow-checked offsets that cover the data
+ * exactly). The file is memory-mapped read-only: it must not be truncated or rewritten in
+ * place while the handle is open (replacing it by rename, as liblora's writers do, is safe).
+ * Errors: LORA_E_NOT_FOUND, LORA_E_IO, LORA_E_NOT_A_MODEL, LORA_E_ST_*, LORA_E_NOMEM,
+ * LORA_E_LIMIT; the message names the file, tensor and offset. Free with lora_file_free.
+ * Since 0.1.0. */
+LORA_API lora_status lora_file_open(lora_ctx *ctx, const char *path, lora_file **out);
+
+/* Closes the file. NULL is a no-op. Since 0.1.0. */
+LORA_API void lora_file_free(lora_file *f);
+
+/* Number of tensors, in the order of their data offsets. */
+LORA_API int64_t lora_file_tensor_count(const lora_file *f);
+
+/* Describes tensor `index`: `*name` is borrowed until lora_file_free; `shape` receives up to
+ * `shape_cap` dimensions; `*ndim` the real rank. Any out pointer may be NULL.
+ * `*dtype_name` is the header's dtype string (static). Errors: LORA_E_INVALID_ARG (index out
+ * of range). Since 0.1.0. */
+LORA_API lora_status lora_file_tensor_info(const lora_file *f, int64_t index, const char **name,
+                                           lora_dtype *dtype, const char **dtype_name,
+                                           int32_t *ndim, int64_t *shape, int32_t shape_cap,
+                                           uint64_t *nbytes);
+
+/* Index of the tensor called `name`, or -1. */
+LORA_API int64_t lora_file_find(const lora_file *f, const char *name);
+
+/* Metadata (the header's __metadata__ map) in header order: entry `index` or
+ * LORA_E_INVALID_ARG past the end; strings borrowed until lora_file_free. Since 0.1.0. */
+LORA_API int64_t lora_file_metadata_count(const lora_file *f);
+LORA_API lora_status lora_file_metadata_at(const lora_file *f, int64_t index, const char **key,
+                                           const char **value);
+
+/* Reads tensor `index` converted to float32 into `dst` (`cap` floats). F32, F16, BF16, F64,
+ * I64, I32, I16, I8, U8 and BOOL convert; others give LORA_E_UNSUPPORTED. Errors:
+ * LORA_E_LIMIT when `cap` is smaller than the element count. Since 0.1.0. */
+LORA_API lora_status lora_file_read_f32(const lora_file *f, int64_t index, float *dst,
+                                        uint64_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LORA_LORA_H */

@@ -1,0 +1,197 @@
+/* CPU backend: the fp32 reference. GEMM through CBLAS (OpenBLAS), elementwise loops with
+ * OpenMP using the context's thread count per call (no process-wide setting is changed). */
+#include <math.h>
+#include <string.h>
+
+#include <cblas.h>
+
+#include "backend/backend.h"
+#include "core/dtype.h"
+
+#define CPU_PAR_MIN 32768   /* below this, threads cost more than they save */
+
+static lora_status cpu_buf_alloc(struct lora_backend_impl *be, size_t bytes, void **out) {
+    *out = lora_malloc(be->ctx, bytes ? bytes : 1);
+    return *out ? LORA_OK : LORA_E_NOMEM;
+}
+
+static void cpu_buf_free(struct lora_backend_impl *be, void *buf) { lora_free(be->ctx, buf); }
+
+static lora_status cpu_copy(struct lora_backend_impl *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memmove(dst, src, bytes);
+    return LORA_OK;
+}
+
+static lora_status cpu_sync(struct lora_backend_impl *be) { (void)be; return LORA_OK; }
+
+static int gemm_dims_ok(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+    /* CBLAS takes int: refuse what does not fit instead of truncating. */
+    return m >= 0 && n >= 0 && k >= 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX &&
+           lda > 0 && ldb > 0 && ldc > 0 && lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX;
+}
+
+static lora_status cpu_gemm_f32(struct lora_backend_impl *be, int ta, int tb, int64_t m, int64_t n,
+                                int64_t k, float alpha, const float *a, int64_t lda, const float *b,
+                                int64_t ldb, float beta, float *c, int64_t ldc) {
+    if (!gemm_dims_ok(m, n, k, lda, ldb, ldc))
+        return lora_fail(be->ctx, LORA_E_LIMIT, "cpu gemm: dimensions m=%lld n=%lld k=%lld exceed the BLAS int range",
+                         (long long)m, (long long)n, (long long)k);
+    if (m == 0 || n == 0) return LORA_OK;
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
+    return LORA_OK;
+}
+
+static lora_status cpu_axpby_f32(struct lora_backend_impl *be, int64_t n, float alpha, const float *x,
+                                 float beta, float *y) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = alpha * x[i] + beta * y[i];
+    return LORA_OK;
+}
+
+static lora_status cpu_mul_f32(struct lora_backend_impl *be, int64_t n, const float *a, const float *b,
+                               float *out) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] * b[i];
+    return LORA_OK;
+}
+
+static lora_status cpu_silu_f32(struct lora_backend_impl *be, int64_t n, const float *x, float *y) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
+    return LORA_OK;
+}
+
+static lora_status cpu_silu_backward_f32(struct lora_backend_impl *be, int64_t n, const float *x,
+                                         const float *dy, float *dx) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float s = 1.0f / (1.0f + expf(-x[i]));
+        dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+    return LORA_OK;
+}
+
+#define INV_SQRT2 0.70710678118654752440f
+#define INV_SQRT_2PI 0.39894228040143267794f
+
+static lora_status cpu_gelu_f32(struct lora_backend_impl *be, int64_t n, const float *x, float *y) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * INV_SQRT2));
+    return LORA_OK;
+}
+
+static lora_status cpu_gelu_backward_f32(struct lora_backend_impl *be, int64_t n, const float *x,
+                                         const float *dy, float *dx) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float cdf = 0.5f * (1.0f + erff(x[i] * INV_SQRT2));
+        float pdf = INV_SQRT_2PI * expf(-0.5f * x[i] * x[i]);
+        dx[i] = dy[i] * (cdf + x[i] * pdf);
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_convert(struct lora_backend_impl *be, int64_t n, lora_dtype st, const void *src,
+                               lora_dtype dt, void *dst) {
+    int nt = lora_threads(be->ctx);
+    if (st == dt) {
+        size_t bytes = (size_t)n * (size_t)(lora_dtype_bits(st) / 8);
+        if (bytes) memmove(dst, src, bytes);
+        return LORA_OK;
+    }
+    if (st == LORA_DTYPE_F32 && dt == LORA_DTYPE_F16) {
+        const float *s = src; uint16_t *d = dst;
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) d[i] = lora_f32_to_f16(s[i]);
+    } else if (st == LORA_DTYPE_F32 && dt == LORA_DTYPE_BF16) {
+        const float *s = src; uint16_t *d = dst;
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) d[i] = lora_f32_to_bf16(s[i]);
+    } else if (st == LORA_DTYPE_F16 && dt == LORA_DTYPE_F32) {
+        const uint16_t *s = src; float *d = dst;
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) d[i] = lora_f16_to_f32(s[i]);
+    } else if (st == LORA_DTYPE_BF16 && dt == LORA_DTYPE_F32) {
+        const uint16_t *s = src; float *d = dst;
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) d[i] = lora_bf16_to_f32(s[i]);
+    } else {
+        return lora_fail(be->ctx, LORA_E_UNSUPPORTED, "cpu convert: %s -> %s is not supported",
+                         lora_dtype_name(st) ? lora_dtype_name(st) : "?",
+                         lora_dtype_name(dt) ? lora_dtype_name(dt) : "?");
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_im2col_f32(struct lora_backend_impl *be, const float *x, int64_t c, int64_t h,
+                                  int64_t w, int64_t kh, int64_t kw, int64_t stride, int64_t pad,
+                                  float *cols) {
+    if (stride < 1 || pad < 0 || kh < 1 || kw < 1 || h + 2 * pad < kh || w + 2 * pad < kw)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cpu im2col: kernel %lldx%lld stride %lld pad %lld does not fit %lldx%lld",
+                         (long long)kh, (long long)kw, (long long)stride, (long long)pad, (long long)h, (long long)w);
+    int64_t oh = (h + 2 * pad - kh) / stride + 1, ow = (w + 2 * pad - kw) / stride + 1;
+    int nt = lora_threads(be->ctx);
+    int64_t rows = c * kh * kw;
+#pragma omp parallel for num_threads(nt) if (rows * oh * ow > CPU_PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t ci = r / (kh * kw), ky = (r / kw) % kh, kx = r % kw;
+        float *dst = cols + r * oh * ow;
+        for (int64_t oy = 0; oy < oh; oy++) {
+            int64_t iy = oy * stride - pad + ky;
+            for (int64_t ox = 0; ox < ow; ox++) {
+                int64_t ix = ox * stride - pad + kx;
+                dst[oy * ow + ox] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[(ci * h + iy) * w + ix] : 0.0f;
+            }
+        }
+    }
+    return LORA_OK;
+}
+
+static void cpu_free(struct lora_backend_impl *be) {
+    lora_free(NULL, be);   /* allocated without the context's hooks, see create */
+}
+
+static const struct lora_backend_iface cpu_iface = {
+    .version = LORA_BACKEND_IFACE_VERSION,
+    .name = "cpu",
+    .free = cpu_free,
+    .buf_alloc = cpu_buf_alloc,
+    .buf_free = cpu_buf_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .sync = cpu_sync,
+    .gemm_f32 = cpu_gemm_f32,
+    .gemm_batched_f32 = NULL,
+    .axpby_f32 = cpu_axpby_f32,
+    .mul_f32 = cpu_mul_f32,
+    .silu_f32 = cpu_silu_f32,
+    .silu_backward_f32 = cpu_silu_backward_f32,
+    .gelu_f32 = cpu_gelu_f32,
+    .gelu_backward_f32 = cpu_gelu_backward_f32,
+    .convert = cpu_convert,
+    .im2col_f32 = cpu_im2col_f32,
+    .memory = NULL,
+};
+
+lora_status lora_backend_cpu_create(lora_ctx *ctx, struct lora_backend_impl **out) {
+    /* Not through lora_malloc: the backend exists before the user may set hooks. */
+    struct lora_backend_impl *be = lora_malloc(NULL, sizeof *be);
+    if (!be) return lora_fail(ctx, LORA_E_NOMEM, "cpu backend: out of memory");
+    be->iface = &cpu_iface;
+    be->ctx = ctx;
+    be->impl = NULL;
+    *out = be;
+    return LORA_OK;
+}
+
+void lora_backend_free(struct lora_backend_impl *be) {
+    if (be) be->iface->free(be);
+}

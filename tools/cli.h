@@ -1,0 +1,7 @@
+#ifndef LORA_TOOLS_CLI_H
+#define LORA_TOOLS_CLI_H
+#include <lora/lora.h>
+/* Prints "lora: WHAT failed: message (STATUS)" to stderr and returns 1. */
+int cli_fail(lora_ctx *ctx, lora_status s, const char *what);
+int cmd_info(lora_ctx *ctx, int argc, char **argv);
+#endif

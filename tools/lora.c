@@ -1,0 +1,66 @@
+/* `lora`: the command-line face of liblora, with kohya's flag names. Uses only the public
+ * header. Output for people goes to stdout; logs and progress go to stderr. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lora/lora.h>
+
+#include "cli.h"
+
+static void log_to_stderr(void *user, lora_log_level level, const char *message) {
+    (void)user;
+    static const char *names[] = {"debug", "info", "warn", "error"};
+    fprintf(stderr, "lora: %s: %s\n", (level >= 0 && level <= 3) ? names[level] : "log", message);
+}
+
+int cli_fail(lora_ctx *ctx, lora_status s, const char *what) {
+    fprintf(stderr, "lora: %s failed: %s (%s)\n", what, lora_errmsg(ctx)[0] ? lora_errmsg(ctx) : lora_status_string(s),
+            lora_status_name(s));
+    return 1;
+}
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: lora <command> [options]\n"
+            "\n"
+            "commands:\n"
+            "  info FILE [--json]   describe a .safetensors file (tensors, dtypes, metadata, LoRA rank/alpha)\n"
+            "  version              print the library version and build features\n"
+            "\n"
+            "options for every command:\n"
+            "  --verbose            log debug messages to stderr\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "version") == 0 || strcmp(argv[1], "--version") == 0) {
+        printf("lora %s (ABI %u)\nfeatures: %s\n", lora_version_string(), lora_abi_version(), lora_build_features());
+        return 0;
+    }
+    lora_ctx *ctx = NULL;
+    lora_status s = lora_ctx_create(LORA_ABI_VERSION, &ctx);
+    if (s != LORA_OK) {
+        fprintf(stderr, "lora: cannot create a context: %s\n", lora_status_string(s));
+        return 1;
+    }
+    int verbose = 0;
+    for (int i = 2; i < argc; i++)
+        if (strcmp(argv[i], "--verbose") == 0) verbose = 1;
+    lora_ctx_set_log(ctx, log_to_stderr, NULL, verbose ? LORA_LOG_DEBUG : LORA_LOG_WARN);
+
+    int rc;
+    if (strcmp(argv[1], "info") == 0) {
+        rc = cmd_info(ctx, argc - 2, argv + 2);
+    } else {
+        fprintf(stderr, "lora: unknown command '%s'\n", argv[1]);
+        usage(stderr);
+        rc = 2;
+    }
+    lora_ctx_free(ctx);
+    return rc;
+}
