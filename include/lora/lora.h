@@ -324,7 +324,7 @@ typedef int32_t lora_param_type;
 #define LORA_P_LEARNING_RATE                 3001 /* float 0..10, 2e-6 (kohya's default) */
 #define LORA_P_UNET_LR                       3002 /* float 0..10, 0 = use learning_rate */
 #define LORA_P_TEXT_ENCODER_LR               3003 /* float 0..10, 0 = use learning_rate */
-#define LORA_P_RESOLUTION                    3004 /* string "W" or "W,H", multiples of 8, "512" */
+#define LORA_P_RESOLUTION                    3004 /* string "W" or "W,H", multiples of 64, "512" */
 #define LORA_P_TRAIN_BATCH_SIZE              3005 /* int 1..1024, 1 */
 #define LORA_P_MAX_TRAIN_STEPS               3006 /* int 1..2^31-1, 1600 */
 #define LORA_P_MAX_TRAIN_EPOCHS              3007 /* int 0..1e6, 0 = not set */

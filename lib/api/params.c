@@ -235,7 +235,7 @@ static int choice_ok(const char *choices, const char *v) {
     }
 }
 
-/* "W" or "W,H": positive multiples of 8 in 64..8192 (the VAE downsamples by 8). */
+/* "W" or "W,H": multiples of 64 in 64..8192 (VAE /8, then the U-Net halves the latent 3x). */
 static int resolution_ok(const char *v) {
     long dims[2];
     int n = 0;
@@ -254,7 +254,7 @@ static int resolution_ok(const char *v) {
     }
     if (*c != '\0') return 0;
     for (int i = 0; i < n; i++)
-        if (dims[i] < 64 || dims[i] > 8192 || dims[i] % 8 != 0) return 0;
+        if (dims[i] < 64 || dims[i] > 8192 || dims[i] % 64 != 0) return 0;
     return 1;
 }
 
@@ -278,7 +278,7 @@ static lora_status set_string(lora_params *p, int i, const char *utf8) {
         return lora_fail(p->ctx, LORA_E_CONFIG_RANGE, "%s: \"%s\" is not one of %s", d->name, utf8, d->choices);
     if (d->resolution && !resolution_ok(utf8))
         return lora_fail(p->ctx, LORA_E_CONFIG_RANGE,
-                         "%s: \"%s\" must be W or W,H with each side a multiple of 8 in 64..8192", d->name, utf8);
+                         "%s: \"%s\" must be W or W,H with each side a multiple of 64 in 64..8192", d->name, utf8);
     char *copy = lora_strdup(p->ctx, utf8);
     if (!copy) return LORA_E_NOMEM;
     lora_free(p->ctx, p->v[i].s);

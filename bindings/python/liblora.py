@@ -1,0 +1,208 @@
+"""Python binding for liblora through ctypes (no compiler needed).
+
+    import liblora
+    with liblora.Context() as ctx:
+        params = ctx.params(network_dim=32, learning_rate=1e-4)
+        with ctx.open_file("model.safetensors") as f:
+            print(f.tensors(), f.metadata())
+
+Keyword names are kohya's flag names, mapped through lora_param_lookup. Errors raise
+LoraError with .code, .name and .category (= code // 100). A Context and the objects made
+from it must be used by one thread at a time (see lora.h).
+"""
+import ctypes
+import ctypes.util
+import os
+
+ABI_VERSION = 0
+
+
+def _load(path=None):
+    candidates = [path, os.environ.get("LIBLORA_PATH"), "liblora.so.%d" % ABI_VERSION, ctypes.util.find_library("lora")]
+    for c in candidates:
+        if c:
+            try:
+                return ctypes.CDLL(c)
+            except OSError:
+                continue
+    raise OSError("liblora.so.%d not found: set LIBLORA_PATH" % ABI_VERSION)
+
+
+_lib = None
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        _lib = _load()
+        L = _lib
+        c_p, i32, i64, u32, u64, sz = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
+        sig = {
+            "lora_version": (u32, []), "lora_version_string": (ctypes.c_char_p, []),
+            "lora_abi_version": (u32, []), "lora_build_features": (ctypes.c_char_p, []),
+            "lora_backend_available": (i32, [i32]),
+            "lora_status_name": (ctypes.c_char_p, [i32]), "lora_status_string": (ctypes.c_char_p, [i32]),
+            "lora_errmsg": (ctypes.c_char_p, [c_p]),
+            "lora_ctx_create": (i32, [u32, ctypes.POINTER(c_p)]), "lora_ctx_free": (None, [c_p]),
+            "lora_ctx_set_backend": (i32, [c_p, i32, i32]), "lora_ctx_set_threads": (i32, [c_p, i32]),
+            "lora_ctx_cancel": (None, [c_p]),
+            "lora_params_create": (i32, [c_p, ctypes.POINTER(c_p)]), "lora_params_free": (None, [c_p]),
+            "lora_params_parse": (i32, [c_p, ctypes.c_char_p, ctypes.c_char_p]),
+            "lora_params_get_float": (i32, [c_p, i32, ctypes.POINTER(ctypes.c_double)]),
+            "lora_params_get_string": (i32, [c_p, i32, ctypes.c_char_p, sz, ctypes.POINTER(sz)]),
+            "lora_param_lookup": (i32, [ctypes.c_char_p, ctypes.POINTER(i32), ctypes.POINTER(i32)]),
+            "lora_file_open": (i32, [c_p, ctypes.c_char_p, ctypes.POINTER(c_p)]), "lora_file_free": (None, [c_p]),
+            "lora_file_tensor_count": (i64, [c_p]),
+            "lora_file_tensor_info": (i32, [c_p, i64, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(i32),
+                                            ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(i32),
+                                            ctypes.POINTER(i64), i32, ctypes.POINTER(u64)]),
+            "lora_file_metadata_count": (i64, [c_p]),
+            "lora_file_metadata_at": (i32, [c_p, i64, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p)]),
+            "lora_file_read_f32": (i32, [c_p, i64, ctypes.POINTER(ctypes.c_float), u64]),
+        }
+        for name, (res, args) in sig.items():
+            fn = getattr(L, name)
+            fn.restype = res
+            fn.argtypes = args
+    return _lib
+
+
+class LoraError(Exception):
+    def __init__(self, code, message):
+        self.code = code
+        self.name = lib().lora_status_name(code).decode()
+        self.category = code // 100
+        super().__init__("%s: %s" % (self.name, message))
+
+
+PARAM_INT, PARAM_FLOAT, PARAM_STRING = 1, 2, 3
+
+
+class Context:
+    def __init__(self):
+        self._h = None
+        h = ctypes.c_void_p()
+        s = lib().lora_ctx_create(ABI_VERSION, ctypes.byref(h))
+        if s != 0:
+            raise LoraError(s, lib().lora_status_string(s).decode())
+        self._h = h
+
+    def _check(self, s):
+        if s != 0:
+            raise LoraError(s, lib().lora_errmsg(self._h).decode("utf-8", "replace"))
+
+    def close(self):
+        if self._h:
+            lib().lora_ctx_free(self._h)
+            self._h = None
+
+    __del__ = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def set_threads(self, n):
+        self._check(lib().lora_ctx_set_threads(self._h, n))
+
+    def params(self, **kwargs):
+        return Params(self, **kwargs)
+
+    def open_file(self, path):
+        return File(self, path)
+
+
+class Params:
+    def __init__(self, ctx, **kwargs):
+        self._ctx = ctx   # keeps the context referenced for the bag's lifetime
+        self._h = None
+        h = ctypes.c_void_p()
+        ctx._check(lib().lora_params_create(ctx._h, ctypes.byref(h)))
+        self._h = h
+        for k, v in kwargs.items():
+            self[k] = v
+
+    def __setitem__(self, name, value):
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        self._ctx._check(lib().lora_params_parse(self._h, name.encode(), repr(value).encode() if isinstance(value, float) else str(value).encode()))
+
+    def __getitem__(self, name):
+        key, typ = ctypes.c_int32(), ctypes.c_int32()
+        s = lib().lora_param_lookup(name.encode(), ctypes.byref(key), ctypes.byref(typ))
+        if s != 0:
+            raise KeyError(name)
+        if typ.value == PARAM_STRING:
+            need = ctypes.c_size_t()
+            self._ctx._check(lib().lora_params_get_string(self._h, key, None, 0, ctypes.byref(need)))
+            buf = ctypes.create_string_buffer(need.value)
+            self._ctx._check(lib().lora_params_get_string(self._h, key, buf, need.value, None))
+            return buf.value.decode()
+        out = ctypes.c_double()
+        self._ctx._check(lib().lora_params_get_float(self._h, key, ctypes.byref(out)))
+        return int(out.value) if typ.value == PARAM_INT else out.value
+
+    def close(self):
+        if self._h:
+            lib().lora_params_free(self._h)
+            self._h = None
+
+    __del__ = close
+
+
+class File:
+    def __init__(self, ctx, path):
+        self._ctx = ctx
+        self._h = None
+        h = ctypes.c_void_p()
+        ctx._check(lib().lora_file_open(ctx._h, os.fsencode(path), ctypes.byref(h)))
+        self._h = h
+
+    def close(self):
+        if self._h:
+            lib().lora_file_free(self._h)
+            self._h = None
+
+    __del__ = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tensors(self):
+        out = {}
+        for i in range(lib().lora_file_tensor_count(self._h)):
+            name, dtn = ctypes.c_char_p(), ctypes.c_char_p()
+            nd = ctypes.c_int32()
+            shape = (ctypes.c_int64 * 8)()
+            lib().lora_file_tensor_info(self._h, i, ctypes.byref(name), None, ctypes.byref(dtn), ctypes.byref(nd), shape, 8, None)
+            out[name.value.decode()] = (dtn.value.decode(), tuple(shape[: nd.value]))
+        return out
+
+    def metadata(self):
+        out = {}
+        for i in range(lib().lora_file_metadata_count(self._h)):
+            k, v = ctypes.c_char_p(), ctypes.c_char_p()
+            lib().lora_file_metadata_at(self._h, i, ctypes.byref(k), ctypes.byref(v))
+            out[k.value.decode()] = v.value.decode()
+        return out
+
+    def read_f32(self, name):
+        names = list(self.tensors())
+        shape = self.tensors()[name][1]
+        n = 1
+        for d in shape:
+            n *= d
+        buf = (ctypes.c_float * max(n, 1))()
+        # tensor index in file order
+        idx = names.index(name)
+        self._ctx._check(lib().lora_file_read_f32(self._h, idx, buf, n))
+        return list(buf[:n])
+
+
+def version():
+    return lib().lora_version_string().decode()

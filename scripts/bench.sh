@@ -1,0 +1,26 @@
+#!/bin/sh
+# CPU benchmarks with their peer measured in the same run: liblora's CPU backend against
+# numpy (OpenBLAS) on the same shapes, printed as ratios with the machine description.
+# usage: scripts/bench.sh [reps]
+set -eu
+cd "$(dirname "$0")/.."
+sh scripts/deps.sh
+dpkg-query -W -f='${Status}' python3-numpy 2>/dev/null | grep -q "install ok installed" || \
+    { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq python3-numpy >/dev/null; }
+reps=${1:-7}
+[ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+ninja -C build-bench bench/bench_gemm >/dev/null
+
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-unset} OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+ours=$(mktemp); peer=$(mktemp)
+trap 'rm -f "$ours" "$peer"' EXIT
+build-bench/bench/bench_gemm "$reps" > "$ours"
+/usr/bin/python3 bench/peer_numpy.py "$reps" > "$peer"
+grep '^#' "$ours"; grep '^#' "$peer"
+printf '%-30s %12s %12s %8s\n' case "liblora GF/s" "numpy GF/s" ratio
+grep -v '^#' "$ours" | while read -r name gf ms; do
+    pgf=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
+    printf '%-30s %12s %12s %8s\n' "$name" "$gf" "$pgf" "$(awk -v a="$gf" -v b="$pgf" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')"
+done
+echo "(ratio > 1: liblora faster than the peer on this machine in this run)"
