@@ -78,10 +78,11 @@ bad:
     return 0;
 }
 
-/* ---- file kind sniffing: only used when the 8-byte length is impossible ----------------- */
+/* ---- file kind sniffing: used when the 8-byte length is impossible, or when a plausible
+ * length is followed by a header that is not UTF-8 JSON ---------------------------------- */
 static const char *sniff_not_a_model(const uint8_t *b, uint64_t n) {
     if (n >= 7 && memcmp(b, "version", 7) == 0) return "a Git LFS pointer, not the model: download the real file (git lfs pull)";
-    if (n >= 2 && b[0] == 0x1f && b[1] == 0x8b) return "a gzip file";
+    if (n >= 3 && b[0] == 0x1f && b[1] == 0x8b && b[2] == 8) return "a gzip file";
     if (n >= 6 && memcmp(b, "7z\xbc\xaf\x27\x1c", 6) == 0) return "a 7z archive";
     if (n >= 4 && memcmp(b, "PK\x03\x04", 4) == 0) return "a zip archive (a PyTorch .ckpt/.pt?), not safetensors";
     if (n >= 5 && memcmp(b, "%PDF-", 5) == 0) return "a PDF document";
@@ -317,6 +318,12 @@ lora_status st_parse(lora_ctx *ctx, const char *label, const uint8_t *buf, uint6
     f->path = lora_strdup(ctx, label);
     lora_status s = f->path ? LORA_OK : LORA_E_NOMEM;
     if (s == LORA_OK) s = parse_header_json(ctx, label, buf + 8, n, f);
+    if (s == LORA_E_ST_HEADER_UTF8 || s == LORA_E_ST_HEADER_JSON) {
+        /* A plausible length does not make it safetensors: a gzip file written with MTIME=0 and
+         * FLG=0 (gzip -n, Python's gzip.compress(..., mtime=0)) reads as N = 559,903. */
+        const char *kind = sniff_not_a_model(buf, len);
+        if (kind) s = lora_fail(ctx, LORA_E_NOT_A_MODEL, "%s: not a safetensors file: it is %s", label, kind);
+    }
     if (s == LORA_OK) s = validate_layout(ctx, label, f);
     if (s != LORA_OK) {
         st_close(f);
@@ -425,6 +432,15 @@ static lora_status build_header(lora_ctx *ctx, const char *path, struct write_or
     }
     char *js = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (!js) { s = LORA_E_NOMEM; goto fail; }
+    /* jansson writes control characters as \u001F, the reference writer (serde_json) as
+     * \u001f: lowercase the hex digits so both headers are byte-identical. Every backslash in
+     * the dump starts an escape, so skipping the escaped character keeps us in step. */
+    for (size_t i = 0; js[i]; i++) {
+        if (js[i] != '\\' || !js[i + 1]) continue;
+        if (js[++i] == 'u')
+            for (int k = 1; k <= 4 && js[i + k]; k++)
+                if (js[i + k] >= 'A' && js[i + k] <= 'F') js[i + k] = (char)(js[i + k] - 'A' + 'a');
+    }
     size_t len = strlen(js);
     size_t padded = (len + 7) & ~(size_t)7;
     if (padded > ST_MAX_HEADER) {
@@ -468,6 +484,12 @@ lora_status st_write(lora_ctx *ctx, const char *path, const struct st_write_tens
         uint64_t nbytes;
         if (!ck_numel(t->shape, t->ndim, &nel) || !ck_mul_u64((uint64_t)nel, (uint64_t)(st_dtypes[di].bits / 8), &nbytes)) {
             s = lora_fail(ctx, LORA_E_ST_SHAPE_OVERFLOW, "%s: tensor \"%s\": shape is negative or overflows", path, t->name);
+            goto out;
+        }
+        if (strcmp(t->name, "__metadata__") == 0) {
+            /* the key is the metadata map (S4): such a file would be unreadable */
+            s = lora_fail(ctx, LORA_E_INVALID_ARG, "%s: tensor %lld: the name \"__metadata__\" is reserved", path,
+                          (long long)i);
             goto out;
         }
         if (nbytes > 0 && !t->data) {
