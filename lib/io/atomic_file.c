@@ -48,7 +48,10 @@ lora_status atomic_file_begin(lora_ctx *ctx, const char *path, struct atomic_fil
         af->fd = open(af->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
         if (af->fd >= 0 || errno != EEXIST) break;
     }
-    if (af->fd < 0) s = io_fail(ctx, errno, "creating temp file", af->tmp_path);
+    if (af->fd < 0) {
+        int err = errno;
+        s = io_fail(ctx, err, "creating a temp file beside it", path);
+    }
     lora_free(ctx, copy);
     lora_free(ctx, dir);
     if (s != LORA_OK) {
