@@ -38,7 +38,7 @@ tally() {
 # shellcheck disable=SC2086
 [ -f build-test/build.ninja ] || meson setup build-test $cuda_opt
 ninja -C build-test
-run_suites build-test build-test/suites.log unit io badinput abi bindings cuda
+run_suites build-test build-test/suites.log unit io badinput abi bindings e2e cuda
 tally build-test/suites.log
 
 # The parsers and the core once more under AddressSanitizer + UndefinedBehaviorSanitizer.

@@ -28,6 +28,12 @@ struct lora_backend_iface {
                             int64_t m, int64_t n, int64_t k, float alpha,
                             const float *a, int64_t lda, const float *b, int64_t ldb,
                             float beta, float *c, int64_t ldc);
+    /* C[m,n] (fp32) = alpha * op(A) op(B) + beta * C with A and B both of `ab_type` (F32, F16
+     * or BF16) and fp32 accumulation: the mixed-precision GEMM of fp16/bf16 training. */
+    lora_status (*gemm_ex)(struct lora_backend_impl *be, int trans_a, int trans_b, int64_t m,
+                           int64_t n, int64_t k, float alpha, lora_dtype ab_type, const void *a,
+                           int64_t lda, const void *b, int64_t ldb, float beta, float *c,
+                           int64_t ldc);
     /* batch of gemms with fixed strides between matrices. OPTIONAL. */
     lora_status (*gemm_batched_f32)(struct lora_backend_impl *be, int trans_a, int trans_b,
                                     int64_t m, int64_t n, int64_t k, float alpha,

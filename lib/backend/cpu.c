@@ -25,6 +25,9 @@ static lora_status cpu_copy(struct lora_backend_impl *be, void *dst, const void 
 
 static lora_status cpu_sync(struct lora_backend_impl *be) { (void)be; return LORA_OK; }
 
+static lora_status cpu_convert(struct lora_backend_impl *be, int64_t n, lora_dtype st, const void *src,
+                               lora_dtype dt, void *dst);
+
 static int gemm_dims_ok(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
     /* CBLAS takes int: refuse what does not fit instead of truncating. */
     return m >= 0 && n >= 0 && k >= 0 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX &&
@@ -41,6 +44,35 @@ static lora_status cpu_gemm_f32(struct lora_backend_impl *be, int ta, int tb, in
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
                 (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
     return LORA_OK;
+}
+
+/* Widen A and B to fp32, then sgemm: exact products of the half-precision inputs with fp32
+ * accumulation, the reference the CUDA tensor-core path is compared with. */
+static lora_status cpu_gemm_ex(struct lora_backend_impl *be, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                               float alpha, lora_dtype ab_type, const void *a, int64_t lda, const void *b,
+                               int64_t ldb, float beta, float *c, int64_t ldc) {
+    if (ab_type == LORA_DTYPE_F32)
+        return cpu_gemm_f32(be, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (ab_type != LORA_DTYPE_F16 && ab_type != LORA_DTYPE_BF16)
+        return lora_fail(be->ctx, LORA_E_UNSUPPORTED, "cpu gemm_ex: input type %d is not F32, F16 or BF16", ab_type);
+    if (!gemm_dims_ok(m, n, k, lda, ldb, ldc))
+        return lora_fail(be->ctx, LORA_E_LIMIT, "cpu gemm_ex: dimensions exceed the BLAS int range");
+    /* stored extents: A is (ta ? k : m) rows of lda with (ta ? m : k) used, B likewise; the
+     * last row is read only up to its used width (the caller's buffer may end there). */
+    int64_t ra = ta ? k : m, ca = ta ? m : k, rb = tb ? n : k, cb = tb ? k : n;
+    size_t na = 0, nb = 0;
+    if ((ra > 0 && (!ck_mul_size((size_t)(ra - 1), (size_t)lda, &na) || !ck_add_size(na, (size_t)ca, &na))) ||
+        (rb > 0 && (!ck_mul_size((size_t)(rb - 1), (size_t)ldb, &nb) || !ck_add_size(nb, (size_t)cb, &nb))))
+        return lora_fail(be->ctx, LORA_E_LIMIT, "cpu gemm_ex: operand size overflows");
+    float *af = lora_calloc(be->ctx, na ? na : 1, sizeof(float));
+    float *bf = lora_calloc(be->ctx, nb ? nb : 1, sizeof(float));
+    lora_status s = (af && bf) ? LORA_OK : LORA_E_NOMEM;
+    if (s == LORA_OK) s = cpu_convert(be, (int64_t)na, ab_type, a, LORA_DTYPE_F32, af);
+    if (s == LORA_OK) s = cpu_convert(be, (int64_t)nb, ab_type, b, LORA_DTYPE_F32, bf);
+    if (s == LORA_OK) s = cpu_gemm_f32(be, ta, tb, m, n, k, alpha, af, lda, bf, ldb, beta, c, ldc);
+    lora_free(be->ctx, af);
+    lora_free(be->ctx, bf);
+    return s;
 }
 
 static lora_status cpu_axpby_f32(struct lora_backend_impl *be, int64_t n, float alpha, const float *x,
@@ -180,6 +212,7 @@ static const struct lora_backend_iface cpu_iface = {
     .download = cpu_copy,
     .sync = cpu_sync,
     .gemm_f32 = cpu_gemm_f32,
+    .gemm_ex = cpu_gemm_ex,
     .gemm_batched_f32 = NULL,
     .axpby_f32 = cpu_axpby_f32,
     .mul_f32 = cpu_mul_f32,

@@ -8,6 +8,10 @@
 #include <pthread.h>
 #include <string.h>
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"   /* cublasLt.h declares f() */
+#include <cublasLt.h>
+#pragma GCC diagnostic pop
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -19,6 +23,8 @@ struct cuda_state {
     int device;
     cudaStream_t stream;
     cublasHandle_t blas;
+    cublasLtHandle_t lt;
+    void *lt_workspace;        /* cuBLASLt scratch, from the pool */
     cudaMemPool_t pool;
     int poisoned;
 };
@@ -149,6 +155,63 @@ static lora_status cuda_gemm_f32(struct lora_backend_impl *be, int ta, int tb, i
                       "sgemm");
 }
 
+#define LT_WORKSPACE_BYTES ((size_t)32 << 20)
+
+static cudaDataType_t cuda_type_of(lora_dtype t) {
+    return t == LORA_DTYPE_F16 ? CUDA_R_16F : t == LORA_DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+/* cuBLASLt GEMM with fp16/bf16 (or fp32) inputs and fp32 accumulation and output. Row-major
+ * operands are described as their column-major transposes, operands swapped. */
+static lora_status cuda_gemm_ex(struct lora_backend_impl *be, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                                float alpha, lora_dtype ab_type, const void *a, int64_t lda, const void *b,
+                                int64_t ldb, float beta, float *c, int64_t ldc) {
+    CUDA_ALIVE(be);
+    if (ab_type != LORA_DTYPE_F32 && ab_type != LORA_DTYPE_F16 && ab_type != LORA_DTYPE_BF16)
+        return lora_fail(be->ctx, LORA_E_UNSUPPORTED, "cuda gemm_ex: input type %d is not F32, F16 or BF16", ab_type);
+    if (m == 0 || n == 0) return LORA_OK;
+    struct cuda_state *st = be->impl;
+    cudaDataType_t t = cuda_type_of(ab_type);
+    cublasOperation_t op_x = tb ? CUBLAS_OP_T : CUBLAS_OP_N, op_y = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasLtMatmulDesc_t desc = NULL;
+    cublasLtMatrixLayout_t lx = NULL, ly = NULL, lc = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    lora_status s = blas_check(be, cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "lt desc");
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_x, sizeof op_x), "lt transa");
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_y, sizeof op_y), "lt transb");
+    /* X = B^T (col-major view of row-major B), Y = A^T, C^T = X Y */
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatrixLayoutCreate(&lx, t, (uint64_t)(tb ? k : n), (uint64_t)(tb ? n : k), ldb), "lt layout B");
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatrixLayoutCreate(&ly, t, (uint64_t)(ta ? m : k), (uint64_t)(ta ? k : m), lda), "lt layout A");
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, (uint64_t)n, (uint64_t)m, ldc), "lt layout C");
+    size_t ws = LT_WORKSPACE_BYTES;
+    if (s == LORA_OK) s = blas_check(be, cublasLtMatmulPreferenceCreate(&pref), "lt preference");
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                                 sizeof ws), "lt workspace");
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatmulAlgoGetHeuristic(st->lt, desc, lx, ly, lc, lc, pref, 1, &heur, &found),
+                       "lt heuristic");
+    if (s == LORA_OK && found < 1)
+        s = lora_fail(be->ctx, LORA_E_UNSUPPORTED, "cuda gemm_ex: cuBLASLt has no algorithm for m=%lld n=%lld k=%lld",
+                      (long long)m, (long long)n, (long long)k);
+    if (s == LORA_OK)
+        s = blas_check(be, cublasLtMatmul(st->lt, desc, &alpha, b, lx, a, ly, &beta, c, lc, c, lc, &heur.algo,
+                                          st->lt_workspace, ws, st->stream), "lt matmul");
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (ly) cublasLtMatrixLayoutDestroy(ly);
+    if (lx) cublasLtMatrixLayoutDestroy(lx);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    return s;
+}
+
 static lora_status cuda_gemm_batched_f32(struct lora_backend_impl *be, int ta, int tb, int64_t m, int64_t n,
                                          int64_t k, float alpha, const float *a, int64_t lda, int64_t sa,
                                          const float *b, int64_t ldb, int64_t sb, float beta, float *c,
@@ -225,6 +288,9 @@ static void cuda_free(struct lora_backend_impl *be) {
     struct cuda_state *st = be->impl;
     if (st) {
         if (!st->poisoned) cudaStreamSynchronize(st->stream);
+        if (st->lt_workspace && !st->poisoned) cudaFreeAsync(st->lt_workspace, st->stream);
+        if (st->lt_workspace && !st->poisoned) cudaStreamSynchronize(st->stream);
+        if (st->lt) cublasLtDestroy(st->lt);
         if (st->blas) cublasDestroy(st->blas);
         if (st->pool) cudaMemPoolDestroy(st->pool);
         if (st->stream) cudaStreamDestroy(st->stream);
@@ -244,6 +310,7 @@ static const struct lora_backend_iface cuda_iface = {
     .download = cuda_download,
     .sync = cuda_sync,
     .gemm_f32 = cuda_gemm_f32,
+    .gemm_ex = cuda_gemm_ex,
     .gemm_batched_f32 = cuda_gemm_batched_f32,
     .axpby_f32 = cuda_axpby_f32,
     .mul_f32 = cuda_mul_f32,
@@ -293,6 +360,10 @@ lora_status lora_backend_cuda_create(lora_ctx *ctx, int32_t device, struct lora_
         }
     }
     if (s == LORA_OK) s = blas_check(be, cublasCreate(&st->blas), "create");
+    if (s == LORA_OK) s = blas_check(be, cublasLtCreate(&st->lt), "lt create");
+    if (s == LORA_OK)
+        s = cuda_check(be, cudaMallocFromPoolAsync(&st->lt_workspace, LT_WORKSPACE_BYTES, st->pool, st->stream),
+                       "lt workspace");
     if (s == LORA_OK) s = blas_check(be, cublasSetStream(st->blas, st->stream), "set stream");
     /* fp32 means fp32: no silent TF32 (parity with the CPU backend). */
     if (s == LORA_OK) s = blas_check(be, cublasSetMathMode(st->blas, CUBLAS_PEDANTIC_MATH), "math mode");

@@ -4,6 +4,7 @@
 
 #include "internal.h"
 #include "backend/backend.h"
+#include "core/dtype.h"
 #include "core/rng.h"
 #include "../test.h"
 
@@ -54,6 +55,30 @@ int main(void) {
     CHECK_STATUS(lora_be_gemm_batched_f32(gpu, 0, 0, 5, 9, 3, 1.0f, da, 3, 15, db, 9, 27, 0.0f, dc, 9, 45, 4), LORA_OK);
     CHECK_STATUS(gpu->iface->download(gpu, c, dc, 180 * 4), LORA_OK);
     CHECK(max_rel(c, r, 180) < 1e-4);
+
+    /* gemm_ex (cuBLASLt, fp32 accumulation) against the CPU's widen-then-sgemm. */
+    lora_dtype ex_types[3] = {LORA_DTYPE_F32, LORA_DTYPE_F16, LORA_DTYPE_BF16};
+    for (int t = 0; t < 3; t++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++) {
+                int lda = ta ? M : K, ldb = tb ? K : N, es = t ? 2 : 4;
+                void *ah = malloc((size_t)M * K * es), *bh = malloc((size_t)K * N * es);
+                cpu->iface->convert(cpu, M * K, LORA_DTYPE_F32, a, ex_types[t], ah);
+                cpu->iface->convert(cpu, K * N, LORA_DTYPE_F32, b, ex_types[t], bh);
+                void *dah = NULL, *dbh = NULL;
+                gpu->iface->buf_alloc(gpu, (size_t)M * K * es, &dah);
+                gpu->iface->buf_alloc(gpu, (size_t)K * N * es, &dbh);
+                gpu->iface->upload(gpu, dah, ah, (size_t)M * K * es);
+                gpu->iface->upload(gpu, dbh, bh, (size_t)K * N * es);
+                CHECK_STATUS(cpu->iface->gemm_ex(cpu, ta, tb, M, N, K, 0.5f, ex_types[t], ah, lda, bh, ldb, 0.0f, r, N), LORA_OK);
+                CHECK_STATUS(gpu->iface->gemm_ex(gpu, ta, tb, M, N, K, 0.5f, ex_types[t], dah, lda, dbh, ldb, 0.0f, dc, N), LORA_OK);
+                CHECK_STATUS(gpu->iface->download(gpu, c, dc, M * N * 4), LORA_OK);
+                CHECK_MSG(max_rel(c, r, M * N) < 2e-3, "gemm_ex type %d ta=%d tb=%d rel err %g", t, ta, tb,
+                          max_rel(c, r, M * N));
+                gpu->iface->buf_free(gpu, dah);
+                gpu->iface->buf_free(gpu, dbh);
+                free(ah); free(bh);
+            }
 
     /* Elementwise forward/backward. */
     enum { NE = 1 << 20 };

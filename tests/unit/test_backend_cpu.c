@@ -5,6 +5,7 @@
 
 #include "internal.h"
 #include "backend/backend.h"
+#include "core/dtype.h"
 #include "core/rng.h"
 #include "../test.h"
 
@@ -60,6 +61,35 @@ int main(void) {
         for (int i = 0; i < 20; i++) e = fmax(e, fabs(c[bi * 20 + i] - ref[i]));
     }
     CHECK_MSG(e < 1e-4, "batched gemm error %g", e);
+
+    /* gemm_ex: fp16/bf16 inputs, fp32 accumulation, against float64 on the decoded inputs.
+     * Operands are packed tightly so the last row ends the buffer (no over-read: ASan). */
+    for (int t = 0; t < 2; t++) {
+        lora_dtype ty = t ? LORA_DTYPE_BF16 : LORA_DTYPE_F16;
+        for (int ta = 0; ta < 2; ta++) {
+            int tb = !ta;
+            int lda = ta ? M : K, ldb = tb ? K : N;
+            uint16_t *ah = malloc((size_t)M * K * 2), *bh = malloc((size_t)K * N * 2);
+            float *ad = malloc((size_t)M * K * 4), *bd = malloc((size_t)K * N * 4);
+            for (int i = 0; i < M * K; i++) {
+                ah[i] = t ? lora_f32_to_bf16(a[i]) : lora_f32_to_f16(a[i]);
+                ad[i] = t ? lora_bf16_to_f32(ah[i]) : lora_f16_to_f32(ah[i]);
+            }
+            for (int i = 0; i < K * N; i++) {
+                bh[i] = t ? lora_f32_to_bf16(b[i]) : lora_f32_to_f16(b[i]);
+                bd[i] = t ? lora_bf16_to_f32(bh[i]) : lora_f16_to_f32(bh[i]);
+            }
+            memcpy(c, c0, LD * LD * 4);
+            CHECK_STATUS(be->iface->gemm_ex(be, ta, tb, M, N, K, 1.5f, ty, ah, lda, bh, ldb, 0.25f, c, LD), LORA_OK);
+            ref_gemm(ta, tb, M, N, K, 1.5f, ad, lda, bd, ldb, 0.25f, c0, LD, ref);
+            double err = 0;
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) err = fmax(err, fabs(c[i * LD + j] - ref[i * LD + j]));
+            CHECK_MSG(err < 1e-4, "gemm_ex %s ta=%d error %g", t ? "bf16" : "f16", ta, err);
+            free(ah); free(bh); free(ad); free(bd);
+        }
+    }
+    CHECK_STATUS(be->iface->gemm_ex(be, 0, 0, 2, 2, 2, 1.0f, LORA_DTYPE_I8, a, 2, b, 2, 0.0f, c, 2), LORA_E_UNSUPPORTED);
 
     /* Elementwise against closed forms in double. */
     enum { NE = 100003 };   /* above the threading threshold, odd */
