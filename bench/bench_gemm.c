@@ -57,6 +57,24 @@ int main(int argc, char **argv) {
         free(a); free(b); free(c);
     }
 
+    /* An elementwise OpenMP loop followed by a GEMM, as every layer of a training step does:
+     * catches thread pools fighting over the cores (OpenMP vs pthread OpenBLAS). */
+    {
+        int m = 4096, n = 320, k = 320;
+        float *a = malloc((size_t)m * k * 4), *b = malloc((size_t)k * n * 4), *c = malloc((size_t)m * n * 4);
+        float *y = malloc((size_t)m * n * 4);
+        lora_torch_randn(&g, a, (int64_t)m * k);
+        lora_torch_randn(&g, b, (int64_t)k * n);
+        lora_torch_randn(&g, c, (int64_t)m * n);
+        double t;
+        TIME_MEDIAN(reps, {
+            be->iface->silu_f32(be, (int64_t)m * n, c, y);
+            be->iface->gemm_f32(be, 0, 0, m, n, k, 1.0f, a, k, b, n, 0.0f, c, n);
+        }, t);
+        printf("silu_then_gemm_4096x320x320 %.2f %.3f\n", 2.0 * m * n * k / t * 1e-9, t * 1e3);
+        free(a); free(b); free(c); free(y);
+    }
+
     /* conv 3x3 pad 1 as im2col + GEMM (the timing includes im2col). */
     struct { const char *name; int c, h, w, f; } convs[] = {
         {"conv3x3_320to320_64x64", 320, 64, 64, 320},

@@ -37,6 +37,22 @@ for name, m, n, k in [("gemm_proj_4096x320x320", 4096, 320, 320), ("gemm_ff_1024
     print("%s %.2f %.3f" % (name, 2.0 * m * n * k / t * 1e-9, t * 1e3))
 
 
+m, n, k = 4096, 320, 320
+a = rng.standard_normal((m, k), dtype=np.float32)
+b = rng.standard_normal((k, n), dtype=np.float32)
+c = rng.standard_normal((m, n), dtype=np.float32)
+y = np.empty_like(c)
+
+
+def silu_then_gemm():
+    np.multiply(c, 1.0 / (1.0 + np.exp(-c)), out=y)
+    np.matmul(a, b, out=c)
+
+
+t = median_time(silu_then_gemm)
+print("silu_then_gemm_4096x320x320 %.2f %.3f" % (2.0 * m * n * k / t * 1e-9, t * 1e3))
+
+
 def im2col(x, cols):
     C, H, W = x.shape
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))

@@ -5,8 +5,10 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
-dpkg-query -W -f='${Status}' python3-numpy 2>/dev/null | grep -q "install ok installed" || \
-    { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq python3-numpy >/dev/null; }
+for p in python3-numpy python3-threadpoolctl; do   # the peer, and the report of its BLAS
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || \
+        { [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
+done
 reps=${1:-7}
 [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
 ninja -C build-bench bench/bench_gemm >/dev/null

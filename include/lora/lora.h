@@ -266,9 +266,11 @@ LORA_API lora_status lora_ctx_set_backend(lora_ctx *ctx, lora_backend backend, i
 LORA_API lora_backend lora_ctx_get_backend(const lora_ctx *ctx);
 
 /* Sets the number of CPU threads used by this context's CPU work (1..1024; 0 = number of
- * online CPUs). Applied per call through OpenMP's num_threads clause, so other contexts and
- * the host's own OpenMP use are not changed. Note: OpenBLAS 0.3.21 has one process-wide
- * thread count, which liblora does not change. Errors: LORA_E_CONFIG_RANGE. Since 0.1.0. */
+ * online CPUs). Applied per call (OpenMP num_threads clauses; for BLAS built with OpenMP, the
+ * calling thread's OpenMP thread count is set for the call and restored after it), so other
+ * contexts and the host's own OpenMP use are not changed. With the pthread build of OpenBLAS
+ * the BLAS thread count stays process-wide (OPENBLAS_NUM_THREADS) and liblora leaves it
+ * alone. Errors: LORA_E_CONFIG_RANGE. Since 0.1.0. */
 LORA_API lora_status lora_ctx_set_threads(lora_ctx *ctx, int32_t n_threads);
 
 /* Registers the log sink; messages below `min_level` are not formatted. fn NULL turns

@@ -8,6 +8,10 @@
 #include "backend/backend.h"
 #include "core/dtype.h"
 
+#if LORA_HAVE_OPENMP
+#include <omp.h>
+#endif
+
 #define CPU_PAR_MIN 32768   /* below this, threads cost more than they save */
 
 static lora_status cpu_buf_alloc(struct lora_backend_impl *be, size_t bytes, void **out) {
@@ -41,8 +45,17 @@ static lora_status cpu_gemm_f32(struct lora_backend_impl *be, int ta, int tb, in
         return lora_fail(be->ctx, LORA_E_LIMIT, "cpu gemm: dimensions m=%lld n=%lld k=%lld exceed the BLAS int range",
                          (long long)m, (long long)n, (long long)k);
     if (m == 0 || n == 0) return LORA_OK;
+#if LORA_HAVE_OPENMP
+    /* An OpenMP build of OpenBLAS sizes its team from the calling thread's OpenMP setting:
+     * set the context's count for this call and give the host its own value back. */
+    int prev = omp_get_max_threads(), nt = lora_threads(be->ctx);
+    if (prev != nt) omp_set_num_threads(nt);
+#endif
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
                 (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
+#if LORA_HAVE_OPENMP
+    if (prev != nt) omp_set_num_threads(prev);
+#endif
     return LORA_OK;
 }
 
