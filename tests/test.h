@@ -4,8 +4,10 @@
 #define LORA_TEST_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static int test_passed_, test_failed_;
 
@@ -20,6 +22,31 @@ static int test_passed_, test_failed_;
 #define CHECK_NEAR(a, b, tol) do { double a_ = (a), b_ = (b); if (fabs(a_ - b_) <= (tol)) test_passed_++; \
     else { test_failed_++; fprintf(stderr, "FAIL %s:%d: %s = %.9g, want %.9g (tol %g)\n", __FILE__, __LINE__, \
     #a, a_, b_, (double)(tol)); } } while (0)
+
+/* "dir/name" in a malloc'd string (the caller frees it). */
+static inline char *test_path_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* The whole file in a malloc'd buffer (NULL if unreadable); *len gets its size. */
+static inline uint8_t *test_slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *b = malloc(n > 0 ? (size_t)n : 1);
+    if (b && n > 0 && fread(b, 1, (size_t)n, f) != (size_t)n) {
+        free(b);
+        b = NULL;
+    }
+    fclose(f);
+    *len = n > 0 ? (size_t)n : 0;
+    return b;
+}
 
 static inline int test_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, test_passed_, test_failed_);

@@ -78,7 +78,28 @@ class LoraError(Exception):
 PARAM_INT, PARAM_FLOAT, PARAM_STRING = 1, 2, 3
 
 
-class Context:
+class _Handle:
+    """Owns one library pointer, freed by `_free_fn` on close(), `with` exit or collection."""
+    _free_fn = None
+    _h = None
+
+    def close(self):
+        if self._h:
+            getattr(lib(), self._free_fn)(self._h)
+            self._h = None
+
+    __del__ = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Context(_Handle):
+    _free_fn = "lora_ctx_free"
+
     def __init__(self):
         self._h = None
         h = ctypes.c_void_p()
@@ -91,19 +112,6 @@ class Context:
         if s != 0:
             raise LoraError(s, lib().lora_errmsg(self._h).decode("utf-8", "replace"))
 
-    def close(self):
-        if self._h:
-            lib().lora_ctx_free(self._h)
-            self._h = None
-
-    __del__ = close
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def set_threads(self, n):
         self._check(lib().lora_ctx_set_threads(self._h, n))
 
@@ -114,7 +122,8 @@ class Context:
         return File(self, path)
 
 
-class Params:
+class Params(_Handle):
+    _free_fn = "lora_params_free"
     def __init__(self, ctx, **kwargs):
         self._ctx = ctx   # keeps the context referenced for the bag's lifetime
         self._h = None
@@ -144,34 +153,15 @@ class Params:
         self._ctx._check(lib().lora_params_get_float(self._h, key, ctypes.byref(out)))
         return int(out.value) if typ.value == PARAM_INT else out.value
 
-    def close(self):
-        if self._h:
-            lib().lora_params_free(self._h)
-            self._h = None
 
-    __del__ = close
-
-
-class File:
+class File(_Handle):
+    _free_fn = "lora_file_free"
     def __init__(self, ctx, path):
         self._ctx = ctx
         self._h = None
         h = ctypes.c_void_p()
         ctx._check(lib().lora_file_open(ctx._h, os.fsencode(path), ctypes.byref(h)))
         self._h = h
-
-    def close(self):
-        if self._h:
-            lib().lora_file_free(self._h)
-            self._h = None
-
-    __del__ = close
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def tensors(self):
         out = {}
@@ -192,14 +182,13 @@ class File:
         return out
 
     def read_f32(self, name):
-        names = list(self.tensors())
-        shape = self.tensors()[name][1]
+        tensors = self.tensors()   # in the library's index order
+        shape = tensors[name][1]
         n = 1
         for d in shape:
             n *= d
         buf = (ctypes.c_float * max(n, 1))()
-        # tensor index in file order
-        idx = names.index(name)
+        idx = list(tensors).index(name)
         self._ctx._check(lib().lora_file_read_f32(self._h, idx, buf, n))
         return list(buf[:n])
 

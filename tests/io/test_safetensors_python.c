@@ -20,33 +20,12 @@
 
 static char tmpdir[64];
 
-static char *path_join(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
 
-static uint8_t *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc(n > 0 ? (size_t)n : 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
 
 /* Compares two files byte for byte; on a difference prints where, with header context. */
 static int same_bytes(const char *what, const char *a_path, const char *b_path) {
     size_t na = 0, nb = 0;
-    uint8_t *a = slurp(a_path, &na), *b = slurp(b_path, &nb);
+    uint8_t *a = test_slurp(a_path, &na), *b = test_slurp(b_path, &nb);
     int same = a && b && na == nb && memcmp(a, b, na) == 0;
     if (!same && a && b) {
         size_t i = 0;
@@ -153,7 +132,7 @@ static lora_status write_escapes(lora_ctx *ctx, const char *path) {
 
 /* (iii) What Python read from our file. */
 static void check_python_reads_ours(lora_ctx *ctx) {
-    char *jpath = path_join(ref_dir(), "python_reads_ours.json");
+    char *jpath = test_path_join(ref_dir(), "python_reads_ours.json");
     json_error_t err;
     json_t *root = json_load_file(jpath, JSON_REJECT_DUPLICATES, &err);
     CHECK_MSG(root != NULL, "%s: %s (run make_fixtures.py --ours)", jpath, err.text);
@@ -192,8 +171,8 @@ static void check_python_reads_ours(lora_ctx *ctx) {
     json_decref(root);
 
     /* Today's writer still produces the file Python checked. */
-    char *out = path_join(tmpdir, "ours_again.safetensors");
-    char *ours = path_join(data_dir(), "ours_all_dtypes.safetensors");
+    char *out = test_path_join(tmpdir, "ours_again.safetensors");
+    char *ours = test_path_join(data_dir(), "ours_all_dtypes.safetensors");
     CHECK_STATUS(fx_write(ctx, out), LORA_OK);
     CHECK(same_bytes("st_write vs ours_all_dtypes", out, ours));
     unlink(out);
@@ -208,19 +187,19 @@ int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/lora-test-stpy-XXXXXX");
     CHECK(mkdtemp(tmpdir) != NULL);
 
-    char *py = path_join(data_dir(), "py_all_dtypes.safetensors");
+    char *py = test_path_join(data_dir(), "py_all_dtypes.safetensors");
     check_python_file(ctx, py);
 
     /* (ii) byte identity with the reference writer */
-    char *out = path_join(tmpdir, "all_dtypes.safetensors");
+    char *out = test_path_join(tmpdir, "all_dtypes.safetensors");
     CHECK_STATUS(fx_write(ctx, out), LORA_OK);
     CHECK(same_bytes("st_write vs py_all_dtypes", out, py));
     unlink(out);
     free(out);
     free(py);
 
-    char *py_esc = path_join(data_dir(), "py_escapes.safetensors");
-    char *out_esc = path_join(tmpdir, "escapes.safetensors");
+    char *py_esc = test_path_join(data_dir(), "py_escapes.safetensors");
+    char *out_esc = test_path_join(tmpdir, "escapes.safetensors");
     CHECK_STATUS(write_escapes(ctx, out_esc), LORA_OK);
     CHECK(same_bytes("st_write vs py_escapes", out_esc, py_esc));
     /* and the reader decodes the escapes back */

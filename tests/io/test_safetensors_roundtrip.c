@@ -16,28 +16,8 @@
 
 static char tmpdir[64];
 
-static char *path_in_tmp(const char *name) {
-    size_t n = strlen(tmpdir) + strlen(name) + 2;
-    char *p = malloc(n);
-    snprintf(p, n, "%s/%s", tmpdir, name);
-    return p;
-}
+static char *path_in_tmp(const char *name) { return test_path_join(tmpdir, name); }
 
-static uint8_t *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc(n > 0 ? (size_t)n : 1);
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
 
 /* Number of entries in tmpdir that look like the atomic writer's temp files. */
 static int count_temp_files(void) {
@@ -130,7 +110,7 @@ static void test_roundtrip(lora_ctx *ctx) {
         CHECK(f->data_start % 8 == 0);
         /* the header JSON is followed by at most 7 spaces of padding up to the data */
         size_t flen = 0;
-        uint8_t *raw = slurp(path, &flen);
+        uint8_t *raw = test_slurp(path, &flen);
         CHECK(raw && flen >= f->data_start);
         if (raw && flen >= f->data_start) {
             uint64_t end = f->data_start;
@@ -203,9 +183,9 @@ static void test_duplicates(lora_ctx *ctx) {
     /* A refused write over an existing file leaves it as it was. */
     CHECK_STATUS(st_write(ctx, path, one, 2, NULL, NULL, 0), LORA_OK);
     size_t n0 = 0, n1 = 0;
-    uint8_t *before = slurp(path, &n0);
+    uint8_t *before = test_slurp(path, &n0);
     CHECK_STATUS(st_write(ctx, path, dup, 2, NULL, NULL, 0), LORA_E_ST_DUPLICATE_KEY);
-    uint8_t *after = slurp(path, &n1);
+    uint8_t *after = test_slurp(path, &n1);
     CHECK(before && after && n0 == n1 && memcmp(before, after, n0) == 0);
     free(before);
     free(after);
