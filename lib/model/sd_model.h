@@ -1,0 +1,49 @@
+/* A Stable Diffusion v1/v2 checkpoint in memory: the three networks as diffusers-shaped state
+ * dicts (the names diffusers 0.10.2 / transformers 4.25.1 use), plus what the LDM file held
+ * that has no diffusers name, kept verbatim so a save loses nothing. Every loader (LDM
+ * .safetensors/.ckpt, diffusers folder) produces this; every writer consumes it. */
+#ifndef LORA_MODEL_SD_MODEL_H
+#define LORA_MODEL_SD_MODEL_H
+
+#include "io/tensor_map.h"
+
+#define SD_MAX_LEVELS 8
+
+/* Architecture read from the weights (lib/model/sd_config.c). */
+struct sd_config {
+    int32_t version;                /* 1 or 2 (0 = unknown) */
+    int32_t v_prediction;           /* 1: v-parameterization */
+    /* U-Net */
+    int32_t unet_in_channels;       /* 4 (9 for inpainting) */
+    int32_t unet_out_channels;
+    int32_t n_levels;               /* down blocks */
+    int32_t block_channels[SD_MAX_LEVELS];
+    int32_t layers_per_block;
+    int32_t attn_levels[SD_MAX_LEVELS];   /* 1 when level i has attentions (CrossAttnDownBlock2D) */
+    int32_t heads[SD_MAX_LEVELS];         /* attention heads per level */
+    int32_t context_dim;            /* 768 (v1) / 1024 (v2) */
+    int32_t use_linear_projection;  /* proj_in/proj_out are Linear (2-D) rather than 1x1 conv */
+    /* text encoder */
+    int32_t te_layers, te_hidden, te_heads, te_intermediate, te_max_positions, te_vocab;
+    int32_t te_gelu;                /* 1: exact gelu (OpenCLIP, v2); 0: quick_gelu (CLIP-L, v1) */
+    /* VAE */
+    int32_t vae_latent_channels;    /* 4 */
+    int32_t vae_n_levels;
+    int32_t vae_block_channels[SD_MAX_LEVELS];
+    int32_t vae_layers_per_block;
+};
+
+struct sd_model {
+    lora_ctx *ctx;
+    struct sd_config cfg;
+    struct tensor_map unet;    /* "conv_in.weight", "down_blocks.0.resnets.0.norm1.weight", ... */
+    struct tensor_map vae;     /* "encoder.conv_in.weight", ... (diffusers 0.10 VAE names) */
+    struct tensor_map te;      /* "text_model.embeddings.token_embedding.weight", ... */
+    struct tensor_map extra;   /* LDM-named tensors without a diffusers name (EMA, DDPM
+                                * buffers, v2 text_projection / logit_scale / last block) */
+};
+
+void sd_model_init(struct sd_model *m, lora_ctx *ctx);
+void sd_model_clear(struct sd_model *m);
+
+#endif
