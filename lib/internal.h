@@ -82,6 +82,12 @@ void lora_ctx_release(lora_ctx *ctx);
 /* Threads to use for a CPU loop. */
 static inline int lora_threads(const lora_ctx *ctx) { return ctx ? ctx->n_threads : 1; }
 
+/* Parameter values for library code already inside a call (no busy-guard round trip).
+ * A NULL bag reads the defaults. Keys must be known and of the matching type. */
+int64_t lora_params_int(const lora_params *p, lora_param key);
+double lora_params_float(const lora_params *p, lora_param key);
+const char *lora_params_str(const lora_params *p, lora_param key);   /* borrowed */
+
 #define LORA_TRY(expr) do { lora_status lora_try_s_ = (expr); if (lora_try_s_ != LORA_OK) return lora_try_s_; } while (0)
 
 #endif

@@ -1,10 +1,25 @@
 #!/bin/sh
 # CPU benchmarks with their peer measured in the same run: liblora's CPU backend against
 # numpy (OpenBLAS) on the same shapes, printed as ratios with the machine description.
-# usage: scripts/bench.sh [reps]
+# usage: scripts/bench.sh [reps]      GEMM / conv against numpy
+#        scripts/bench.sh load [reps] checkpoint load against safetensors/torch.load (needs
+#                                     tests/reference/.venv, see tests/reference/README.md;
+#                                     writes ~4.3 GB of SD 1.5-sized files under build-bench/)
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
+if [ "${1:-}" = "load" ]; then
+    reps=${2:-3}
+    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+    ninja -C build-bench bench/bench_load >/dev/null
+    py=tests/reference/.venv/bin/python
+    [ -f build-bench/sd15_random.ckpt ] || $py bench/load_peer.py write build-bench
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
+    ls -la build-bench/sd15_random.safetensors build-bench/sd15_random.ckpt | awk '{print $9, $5, "bytes"}'
+    build-bench/bench/bench_load "$reps" build-bench/sd15_random.safetensors build-bench/sd15_random.ckpt
+    $py bench/load_peer.py time build-bench "$reps"
+    exit 0
+fi
 for p in python3-numpy python3-threadpoolctl; do   # the peer, and the report of its BLAS
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || \
         { [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }

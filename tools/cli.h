@@ -4,4 +4,5 @@
 /* Prints "lora: WHAT failed: message (STATUS)" to stderr and returns 1. */
 int cli_fail(lora_ctx *ctx, lora_status s, const char *what);
 int cmd_info(lora_ctx *ctx, int argc, char **argv);
+int cmd_convert(lora_ctx *ctx, int argc, char **argv);
 #endif

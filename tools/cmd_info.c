@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
+
 #include <jansson.h>
 
 #include "cli.h"
@@ -65,6 +67,80 @@ static const char *network_kind(const struct lora_summary *ls) {
     return NULL;
 }
 
+/* SD checkpoint facts through lora_model (LDM .safetensors, .ckpt, diffusers folders). */
+static const char *format_name(int64_t f) {
+    switch (f) {
+    case LORA_FORMAT_SAFETENSORS: return "safetensors";
+    case LORA_FORMAT_CKPT: return "ckpt (PyTorch zip)";
+    case LORA_FORMAT_DIFFUSERS: return "diffusers folder (.bin weights)";
+    case LORA_FORMAT_DIFFUSERS_SAFETENSORS: return "diffusers folder (.safetensors weights)";
+    default: return "?";
+    }
+}
+
+static json_t *model_facts(lora_model *m) {
+    static const struct { lora_model_info key; const char *name; } keys[] = {
+        {LORA_MODEL_SD_VERSION, "sd_version"}, {LORA_MODEL_PREDICTION, "v_prediction"},
+        {LORA_MODEL_CONTEXT_DIM, "context_dim"}, {LORA_MODEL_UNET_CHANNELS, "unet_channels"},
+        {LORA_MODEL_LINEAR_PROJECTION, "linear_projection"}, {LORA_MODEL_TE_LAYERS, "text_encoder_layers"},
+        {LORA_MODEL_TE_HIDDEN, "text_encoder_width"}, {LORA_MODEL_UNET_PARAMS, "unet_params"},
+        {LORA_MODEL_TE_PARAMS, "text_encoder_params"}, {LORA_MODEL_VAE_PARAMS, "vae_params"},
+        {LORA_MODEL_TENSORS, "tensors"}, {LORA_MODEL_EXTRA_TENSORS, "extra_tensors"},
+    };
+    json_t *o = json_object();
+    int64_t v = 0;
+    lora_model_get_int(m, LORA_MODEL_FORMAT, &v);
+    json_object_set_new(o, "format", json_string(format_name(v)));
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if (lora_model_get_int(m, keys[i].key, &v) == LORA_OK) json_object_set_new(o, keys[i].name, json_integer(v));
+    return o;
+}
+
+static void print_model_text(json_t *o) {
+    printf("model:       SD %lld.x, %s\n", (long long)json_integer_value(json_object_get(o, "sd_version")),
+           json_integer_value(json_object_get(o, "v_prediction")) ? "v-prediction" : "epsilon-prediction");
+    const char *k;
+    json_t *v;
+    json_object_foreach(o, k, v) {
+        if (json_is_string(v)) printf("  %-20s %s\n", k, json_string_value(v));
+        else printf("  %-20s %lld\n", k, (long long)json_integer_value(v));
+    }
+}
+
+static int is_model_container(const char *path) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) return 0;
+    if (S_ISDIR(sb.st_mode)) return 1;
+    FILE *fp = fopen(path, "rb");
+    unsigned char b[4] = {0};
+    size_t n = fp ? fread(b, 1, 4, fp) : 0;
+    if (fp) fclose(fp);
+    return n == 4 && memcmp(b, "PK\x03\x04", 4) == 0;
+}
+
+static int info_model_only(lora_ctx *ctx, const char *path, int json) {
+    lora_model *m = NULL;
+    lora_status s = lora_model_load(ctx, path, NULL, &m);
+    if (s != LORA_OK) return cli_fail(ctx, s, "info");
+    json_t *facts = model_facts(m);
+    lora_model_free(m);
+    if (json) {
+        json_t *o = json_object();
+        json_object_set_new(o, "file", json_string(path));
+        json_object_set_new(o, "format", json_string(json_string_value(json_object_get(facts, "format"))));
+        json_object_set_new(o, "model", facts);
+        char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        if (text) printf("%s\n", text);
+        free(text);
+        json_decref(o);
+    } else {
+        printf("file:        %s\n", path);
+        print_model_text(facts);
+        json_decref(facts);
+    }
+    return 0;
+}
+
 struct dtype_count {
     const char *name;
     int64_t count;
@@ -89,9 +165,22 @@ int cmd_info(lora_ctx *ctx, int argc, char **argv) {
         fprintf(stderr, "usage: lora info FILE [--json]\n");
         return 2;
     }
+    if (is_model_container(path)) return info_model_only(ctx, path, json);
     lora_file *f = NULL;
     lora_status s = lora_file_open(ctx, path, &f);
     if (s != LORA_OK) return cli_fail(ctx, s, "info");
+    /* an LDM checkpoint in safetensors form: add the model facts */
+    json_t *facts = NULL;
+    if (lora_file_find(f, "model.diffusion_model.input_blocks.0.0.weight") >= 0) {
+        lora_model *m = NULL;
+        s = lora_model_load(ctx, path, NULL, &m);
+        if (s != LORA_OK) {
+            lora_file_free(f);
+            return cli_fail(ctx, s, "info");
+        }
+        facts = model_facts(m);
+        lora_model_free(m);
+    }
 
     int64_t n = lora_file_tensor_count(f);
     uint64_t total = 0;
@@ -148,6 +237,8 @@ int cmd_info(lora_ctx *ctx, int argc, char **argv) {
             }
             json_object_set_new(o, "lora", l);
         }
+        if (facts) json_object_set_new(o, "model", facts);
+        facts = NULL;
         char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
         if (text) {
             printf("%s\n", text);
@@ -174,6 +265,7 @@ int cmd_info(lora_ctx *ctx, int argc, char **argv) {
             else if (ls.alpha_min == ls.alpha_max) printf("alpha:       %g\n", ls.alpha_min);
             else printf("alpha:       %g..%g\n", ls.alpha_min, ls.alpha_max);
         }
+        if (facts) print_model_text(facts);
         printf("metadata:    %" PRId64 " entries\n", n_meta);
         for (int64_t i = 0; i < n_meta; i++) {
             const char *k, *v;
@@ -183,6 +275,7 @@ int cmd_info(lora_ctx *ctx, int argc, char **argv) {
             else printf("  %s: %s\n", k, v);
         }
     }
+    json_decref(facts);
     lora_file_free(f);
     return 0;
 }

@@ -27,6 +27,8 @@ static void usage(FILE *out) {
             "\n"
             "commands:\n"
             "  info FILE [--json]   describe a .safetensors file (tensors, dtypes, metadata, LoRA rank/alpha)\n"
+            "                       or an SD checkpoint (.safetensors, .ckpt, diffusers folder)\n"
+            "  convert IN OUT       convert an SD checkpoint between .safetensors, .ckpt and diffusers\n"
             "  version              print the library version and build features\n"
             "\n"
             "options for every command:\n"
@@ -56,6 +58,8 @@ int main(int argc, char **argv) {
     int rc;
     if (strcmp(argv[1], "info") == 0) {
         rc = cmd_info(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "convert") == 0) {
+        rc = cmd_convert(ctx, argc - 2, argv + 2);
     } else {
         fprintf(stderr, "lora: unknown command '%s'\n", argv[1]);
         usage(stderr);

@@ -483,6 +483,63 @@ LORA_API lora_status lora_file_metadata_at(const lora_file *f, int64_t index, co
 LORA_API lora_status lora_file_read_f32(const lora_file *f, int64_t index, float *dst,
                                         uint64_t cap);
 
+/* ======================================================================================
+ * Models: Stable Diffusion v1/v2 checkpoints (.safetensors / .ckpt / diffusers folders).
+ * ====================================================================================== */
+typedef struct lora_model lora_model;
+
+typedef int32_t lora_model_info;
+#define LORA_MODEL_SD_VERSION        1   /* 1 or 2 */
+#define LORA_MODEL_PREDICTION        2   /* 0 epsilon, 1 v-prediction */
+#define LORA_MODEL_CONTEXT_DIM       3   /* cross-attention width: 768 (v1), 1024 (v2) */
+#define LORA_MODEL_UNET_PARAMS       4   /* parameter counts */
+#define LORA_MODEL_TE_PARAMS         5
+#define LORA_MODEL_VAE_PARAMS        6
+#define LORA_MODEL_TENSORS           7   /* tensors held, including unmapped extras */
+#define LORA_MODEL_DTYPE             8   /* lora_dtype of the U-Net weights */
+#define LORA_MODEL_FORMAT            9   /* LORA_FORMAT_* the model was loaded from */
+#define LORA_MODEL_LINEAR_PROJECTION 10  /* 1 when proj_in/proj_out are Linear */
+#define LORA_MODEL_UNET_CHANNELS     11  /* first U-Net block width (320 in SD) */
+#define LORA_MODEL_TE_LAYERS         12  /* text encoder layers used (12 v1, 23 v2) */
+#define LORA_MODEL_TE_HIDDEN         13  /* text encoder width */
+#define LORA_MODEL_EXTRA_TENSORS     14  /* tensors kept verbatim without a diffusers name */
+
+typedef int32_t lora_format;
+#define LORA_FORMAT_SAFETENSORS          1   /* single-file LDM (CompVis) names */
+#define LORA_FORMAT_CKPT                 2   /* PyTorch zip pickle, LDM names */
+#define LORA_FORMAT_DIFFUSERS            3   /* folder with .bin weights */
+#define LORA_FORMAT_DIFFUSERS_SAFETENSORS 4  /* folder with .safetensors weights */
+
+/* Loads an SD v1/v2 model from a .safetensors or .ckpt file (LDM key names) or a diffusers
+ * folder; the format is found from the content. `.ckpt` pickles are parsed without executing
+ * anything: only the globals torch.load(weights_only=True) allows (plus inert ones real SD
+ * checkpoints carry) are accepted. Options (`opts` may be NULL): v2 (1 asserts the file is
+ * SD 2.x: LORA_E_CONFIG_RANGE when it is not; the version is otherwise detected from the
+ * keys), v_parameterization (1 sets v-prediction; diffusers folders also read it from the
+ * scheduler config). A .safetensors file is memory-mapped and its tensors are used in place
+ * (no copy; pages are read on first use): as with lora_file_open, the file must not be
+ * truncated or rewritten in place while the model lives (replacing it by rename, as
+ * liblora's own saves do, is safe). Errors: LORA_E_NOT_FOUND, LORA_E_NOT_A_MODEL, LORA_E_ST_*,
+ * LORA_E_CKPT_*, LORA_E_SHAPE_MISMATCH, LORA_E_NOMEM; the message names the file and key.
+ * Progress: LORA_PHASE_LOAD. Free with lora_model_free. Since 0.1.0. */
+LORA_API lora_status lora_model_load(lora_ctx *ctx, const char *path, const lora_params *opts,
+                                     lora_model **out);
+
+/* Frees a model. NULL is a no-op. Since 0.1.0. */
+LORA_API void lora_model_free(lora_model *model);
+
+/* Reads a fact about the model (LORA_MODEL_*). Errors: LORA_E_UNKNOWN_KEY. Since 0.1.0. */
+LORA_API lora_status lora_model_get_int(const lora_model *model, lora_model_info key, int64_t *out);
+
+/* Saves the model. Options (`opts` may be NULL): save_model_as (ckpt|pt|safetensors|
+ * diffusers|diffusers_safetensors, default safetensors), save_precision (float|fp16|bf16
+ * casts every floating tensor; "" keeps each tensor's dtype). Single files use LDM key names
+ * and keep every extra tensor of the source (EMA, DDPM buffers); a .ckpt holds
+ * {'state_dict': ...} as SD and kohya write it. Files are written atomically; a diffusers
+ * folder must not exist or be empty and appears complete or not at all. Errors:
+ * LORA_E_IO, LORA_E_NOSPACE, LORA_E_DEST_BUSY, LORA_E_CONFIG_RANGE. Since 0.1.0. */
+LORA_API lora_status lora_model_save(const lora_model *model, const char *path, const lora_params *opts);
+
 #ifdef __cplusplus
 }
 #endif

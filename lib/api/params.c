@@ -428,3 +428,24 @@ LORA_API lora_status lora_param_bounds(lora_param key, double *min, double *max,
 LORA_API lora_param lora_param_at(int32_t index) {
     return (index >= 0 && index < N_DEFS) ? defs[index].key : 0;
 }
+
+int64_t lora_params_int(const lora_params *p, lora_param key) {
+    int i = def_index(key);
+    if (i < 0) return 0;
+    if (!params_valid(p)) return (int64_t)defs[i].def;
+    return defs[i].type == LORA_PARAM_INT ? p->v[i].i : (int64_t)p->v[i].f;
+}
+
+double lora_params_float(const lora_params *p, lora_param key) {
+    int i = def_index(key);
+    if (i < 0) return 0;
+    if (!params_valid(p)) return defs[i].def;
+    return defs[i].type == LORA_PARAM_INT ? (double)p->v[i].i : p->v[i].f;
+}
+
+const char *lora_params_str(const lora_params *p, lora_param key) {
+    int i = def_index(key);
+    if (i < 0 || defs[i].type != LORA_PARAM_STRING) return "";
+    if (!params_valid(p) || !p->v[i].s) return defs[i].sdef;
+    return p->v[i].s;
+}

@@ -23,6 +23,7 @@ struct sd_config {
     int32_t heads[SD_MAX_LEVELS];         /* attention heads per level */
     int32_t context_dim;            /* 768 (v1) / 1024 (v2) */
     int32_t use_linear_projection;  /* proj_in/proj_out are Linear (2-D) rather than 1x1 conv */
+    int32_t unet_norm_groups;       /* GroupNorm groups: not in the weights; 32 in SD */
     /* text encoder */
     int32_t te_layers, te_hidden, te_heads, te_intermediate, te_max_positions, te_vocab;
     int32_t te_gelu;                /* 1: exact gelu (OpenCLIP, v2); 0: quick_gelu (CLIP-L, v1) */
@@ -31,6 +32,7 @@ struct sd_config {
     int32_t vae_n_levels;
     int32_t vae_block_channels[SD_MAX_LEVELS];
     int32_t vae_layers_per_block;
+    int32_t vae_norm_groups;        /* 32 in SD */
 };
 
 struct sd_model {
@@ -41,6 +43,18 @@ struct sd_model {
     struct tensor_map te;      /* "text_model.embeddings.token_embedding.weight", ... */
     struct tensor_map extra;   /* LDM-named tensors without a diffusers name (EMA, DDPM
                                 * buffers, v2 text_projection / logit_scale / last block) */
+};
+
+/* The public lora_model handle (lib/api/model.c). */
+#define LORA_MODEL_MAGIC 0x4d4f444cu /* "MODL" */
+struct lora_model {
+    uint32_t magic;
+    lora_ctx *ctx;
+    lora_format format;
+    struct sd_model sd;
+    struct lora_file *backing;   /* the mapped .safetensors that borrowed tensors point into */
+    void *ckpt_map;              /* or the mapped .ckpt (see ckpt_read_mapped) */
+    uint64_t ckpt_map_size;
 };
 
 void sd_model_init(struct sd_model *m, lora_ctx *ctx);

@@ -85,6 +85,45 @@ for name in ("py_lora_kohya.safetensors", "py_all_dtypes.safetensors"):
     if "lora" in exp:
         check("rank:        %d..%d" % (exp["lora"]["rank_min"], exp["lora"]["rank_max"]) in t.stdout, "text rank")
 
+# SD checkpoints: facts against the diffusers configs, in every form.
+sd = os.path.join(data, "sd")
+for v, version in (("v1", 1), ("v2", 2)):
+    with open(os.path.join(sd, v + "_diffusers", "unet", "config.json")) as f:
+        unet_cfg = json.load(f)
+    with open(os.path.join(sd, v + "_diffusers", "text_encoder", "config.json")) as f:
+        te_cfg = json.load(f)
+    with open(os.path.join(sd, v + "_diffusers", "scheduler", "scheduler_config.json")) as f:
+        vpred = int(json.load(f)["prediction_type"] == "v_prediction")
+    for form in (v + "_ldm.safetensors", v + "_ldm.ckpt", v + "_diffusers"):
+        r = subprocess.run([lora, "info", "--json", os.path.join(sd, form)], capture_output=True, text=True)
+        check(r.returncode == 0, form + ": " + r.stderr)
+        if r.returncode:
+            continue
+        m = json.loads(r.stdout)["model"]
+        check(m["sd_version"] == version, form + " version")
+        check(m["context_dim"] == unet_cfg["cross_attention_dim"], form + " context_dim")
+        check(m["unet_channels"] == unet_cfg["block_out_channels"][0], form + " channels")
+        check(m["linear_projection"] == int(unet_cfg["use_linear_projection"]), form + " linear projection")
+        check(m["text_encoder_layers"] == te_cfg["num_hidden_layers"], form + " te layers")
+        check(m["text_encoder_width"] == te_cfg["hidden_size"], form + " te width")
+        # LDM files do not record the prediction type; the diffusers scheduler config does
+        check(m["v_prediction"] == (vpred if form.endswith("diffusers") else 0), form + " v_prediction")
+
+# `lora convert`: LDM -> .ckpt -> LDM gives the original file byte for byte.
+with tempfile.TemporaryDirectory() as d:
+    src = os.path.join(sd, "v2_ldm.safetensors")
+    ck = os.path.join(d, "m.ckpt")
+    back = os.path.join(d, "back.safetensors")
+    r1 = subprocess.run([lora, "convert", src, ck], capture_output=True, text=True)
+    r2 = subprocess.run([lora, "convert", ck, back, "--v2"], capture_output=True, text=True)
+    check(r1.returncode == 0 and r2.returncode == 0, "convert: " + r1.stderr + r2.stderr)
+    with open(src, "rb") as a, open(back, "rb") as b:
+        check(a.read() == b.read(), "convert round trip is not byte-identical")
+    r = subprocess.run([lora, "convert", src, os.path.join(d, "x.ckpt"), "--save_precision", "fp8"],
+                       capture_output=True, text=True)
+    check(r.returncode != 0 and "LORA_E_CONFIG_RANGE" in r.stderr and "save_precision" in r.stderr, r.stderr)
+    check(not os.path.exists(os.path.join(d, "x.ckpt")), "a refused convert wrote a file")
+
 # Errors: non-zero exit, the library's message and status on stderr, nothing on stdout.
 with tempfile.TemporaryDirectory() as d:
     bad = os.path.join(d, "truncated.safetensors")

@@ -1,0 +1,250 @@
+/* lora_model: load/save SD checkpoints in any of the formats users bring. */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/dtype.h"
+#include "io/ckpt.h"
+#include "io/diffusers.h"
+#include "io/keymap.h"
+#include "io/st_map.h"
+#include "io/atomic_file.h"
+#include "model/sd_model.h"
+
+
+static int model_valid(const lora_model *m) { return m && m->magic == LORA_MODEL_MAGIC; }
+
+/* The maps first: their borrowed tensors point into the mappings. */
+static void model_release_files(lora_model *m) {
+    sd_model_clear(&m->sd);
+    st_close(m->backing);
+    m->backing = NULL;
+    struct ckpt_mapping map = {m->ckpt_map, m->ckpt_map_size};
+    ckpt_unmap(&map);
+    m->ckpt_map = NULL;
+}
+
+/* Sniffs a file: zip (torch) or anything else (safetensors, which names what it finds). */
+static lora_status sniff(lora_ctx *ctx, const char *path, lora_format *fmt) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) return io_fail(ctx, errno, "open", path);
+    if (S_ISDIR(sb.st_mode)) {
+        if (diffusers_is_folder(path)) {
+            *fmt = LORA_FORMAT_DIFFUSERS;
+            return LORA_OK;
+        }
+        return lora_fail(ctx, LORA_E_NOT_A_MODEL, "%s: a folder without model_index.json is not a diffusers model", path);
+    }
+    unsigned char magic[4] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return io_fail(ctx, errno, "open", path);
+    ssize_t n = read(fd, magic, sizeof magic);
+    close(fd);
+    *fmt = (n == 4 && memcmp(magic, "PK\x03\x04", 4) == 0) ? LORA_FORMAT_CKPT : LORA_FORMAT_SAFETENSORS;
+    /* legacy (pre-1.6) torch files start with a pickle: ckpt_read names that format */
+    if (n >= 2 && magic[0] == 0x80 && magic[1] <= 5) *fmt = LORA_FORMAT_CKPT;
+    return LORA_OK;
+}
+
+static lora_status load_into(lora_ctx *ctx, const char *path, const lora_params *opts, lora_model *m) {
+    LORA_TRY(sniff(ctx, path, &m->format));
+    LORA_TRY(lora_progress(ctx, LORA_PHASE_LOAD, 0, 2, NAN));
+    if (m->format == LORA_FORMAT_DIFFUSERS) {
+        LORA_TRY(diffusers_load(ctx, path, &m->sd));
+        char p[4200];
+        struct stat sb;
+        snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", path);
+        if (stat(p, &sb) == 0) m->format = LORA_FORMAT_DIFFUSERS_SAFETENSORS;
+    } else {
+        struct tensor_map ldm;
+        tmap_init(&ldm, ctx);
+        struct ckpt_mapping map = {NULL, 0};
+        lora_status s = m->format == LORA_FORMAT_CKPT ? ckpt_read_mapped(ctx, path, &ldm, &map)
+                                                       : st_read_map(ctx, path, &ldm, &m->backing);
+        m->ckpt_map = map.base;
+        m->ckpt_map_size = map.size;
+        if (s == LORA_OK) s = lora_progress(ctx, LORA_PHASE_LOAD, 1, 2, NAN);
+        if (s == LORA_OK) s = sd_from_ldm(ctx, &ldm, &m->sd);
+        tmap_clear(&ldm);
+        if (s != LORA_OK) {
+            /* name the file: the key map only knows key names */
+            if (strstr(ctx->errmsg, path) == NULL && ctx->err == s) {
+                char msg[LORA_ERRMSG_CAP];
+                snprintf(msg, sizeof msg, "%s", ctx->errmsg);
+                lora_fail(ctx, s, "%s: %s", path, msg);
+            }
+            return s;
+        }
+    }
+    if (lora_params_int(opts, LORA_P_V2) && m->sd.cfg.version != 2)
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE,
+                         "%s: --v2 was given but the checkpoint is SD 1.x (its text encoder is CLIP ViT-L, width %d)",
+                         path, m->sd.cfg.te_hidden);
+    if (lora_params_int(opts, LORA_P_V_PARAMETERIZATION)) m->sd.cfg.v_prediction = 1;
+    lora_log(ctx, LORA_LOG_INFO, "%s: SD %d.x, %s, %lld U-Net / %lld VAE / %lld text encoder tensors, %lld extra", path,
+             m->sd.cfg.version, m->sd.cfg.v_prediction ? "v-prediction" : "epsilon", (long long)m->sd.unet.n,
+             (long long)m->sd.vae.n, (long long)m->sd.te.n, (long long)m->sd.extra.n);
+    return lora_progress(ctx, LORA_PHASE_LOAD, 2, 2, NAN);
+}
+
+LORA_API lora_status lora_model_load(lora_ctx *ctx, const char *path, const lora_params *opts, lora_model **out) {
+    if (out) *out = NULL;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = LORA_OK;
+    lora_model *m = NULL;
+    if (!path || !out) {
+        s = lora_fail(ctx, LORA_E_INVALID_ARG, "lora_model_load: path and out must not be NULL");
+    } else if (!(m = lora_calloc(ctx, 1, sizeof *m))) {
+        s = LORA_E_NOMEM;
+    } else {
+        m->magic = LORA_MODEL_MAGIC;
+        m->ctx = ctx;
+        sd_model_init(&m->sd, ctx);
+        s = load_into(ctx, path, opts, m);
+        if (s != LORA_OK) {
+            model_release_files(m);
+            lora_free(ctx, m);
+            m = NULL;
+        }
+    }
+    if (s == LORA_OK) {
+        lora_ctx_retain(ctx);
+        *out = m;
+    }
+    lora_leave(ctx);
+    return s;
+}
+
+LORA_API void lora_model_free(lora_model *model) {
+    if (!model_valid(model)) return;
+    lora_ctx *ctx = model->ctx;
+    model_release_files(model);
+    model->magic = 0;
+    lora_free(ctx, model);
+    lora_ctx_release(ctx);
+}
+
+static int64_t map_params(const struct tensor_map *t) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < t->n; i++) n += tmap_numel(&t->t[i]);
+    return n;
+}
+
+LORA_API lora_status lora_model_get_int(const lora_model *model, lora_model_info key, int64_t *out) {
+    if (!model_valid(model) || !out) return LORA_E_INVALID_ARG;
+    const struct sd_model *sd = &model->sd;
+    switch (key) {
+    case LORA_MODEL_SD_VERSION: *out = sd->cfg.version; break;
+    case LORA_MODEL_PREDICTION: *out = sd->cfg.v_prediction; break;
+    case LORA_MODEL_CONTEXT_DIM: *out = sd->cfg.context_dim; break;
+    case LORA_MODEL_UNET_PARAMS: *out = map_params(&sd->unet); break;
+    case LORA_MODEL_TE_PARAMS: *out = map_params(&sd->te); break;
+    case LORA_MODEL_VAE_PARAMS: *out = map_params(&sd->vae); break;
+    case LORA_MODEL_TENSORS: *out = sd->unet.n + sd->vae.n + sd->te.n + sd->extra.n; break;
+    case LORA_MODEL_DTYPE: {
+        int64_t i = tmap_find(&sd->unet, "conv_in.weight");
+        *out = i >= 0 ? sd->unet.t[i].dtype : (sd->unet.n ? sd->unet.t[0].dtype : LORA_DTYPE_F32);
+        break;
+    }
+    case LORA_MODEL_FORMAT: *out = model->format; break;
+    case LORA_MODEL_LINEAR_PROJECTION: *out = sd->cfg.use_linear_projection; break;
+    case LORA_MODEL_UNET_CHANNELS: *out = sd->cfg.block_channels[0]; break;
+    case LORA_MODEL_TE_LAYERS: *out = sd->cfg.te_layers; break;
+    case LORA_MODEL_TE_HIDDEN: *out = sd->cfg.te_hidden; break;
+    case LORA_MODEL_EXTRA_TENSORS: *out = sd->extra.n; break;
+    default: return LORA_E_UNKNOWN_KEY;
+    }
+    return LORA_OK;
+}
+
+/* ---- save ----------------------------------------------------------------------------- */
+static int is_float(lora_dtype t) {
+    return t == LORA_DTYPE_F32 || t == LORA_DTYPE_F16 || t == LORA_DTYPE_BF16 || t == LORA_DTYPE_F64;
+}
+
+/* `out` gets every tensor of `in`: floating ones converted to `to` (owned copies) when `to`
+ * is set and differs, the rest borrowed. */
+static lora_status cast_map(lora_ctx *ctx, const struct tensor_map *in, lora_dtype to, struct tensor_map *out) {
+    for (int64_t i = 0; i < in->n; i++) {
+        const struct lora_tensor *t = &in->t[i];
+        if (!to || !is_float(t->dtype) || t->dtype == to) {
+            LORA_TRY(tmap_add(out, t->name, t->dtype, t->ndim, t->shape, t->data, t->nbytes, 0, 0));
+            continue;
+        }
+        int64_t n = tmap_numel(t);
+        uint64_t nbytes = (uint64_t)n * (uint64_t)(lora_dtype_bits(to) / 8);
+        void *dst = lora_malloc(ctx, nbytes ? (size_t)nbytes : 1);
+        if (!dst) return LORA_E_NOMEM;
+        for (int64_t k = 0; k < n; k++) {
+            float v;
+            switch (t->dtype) {
+            case LORA_DTYPE_F16: { uint16_t h; memcpy(&h, (const uint8_t *)t->data + 2 * k, 2); v = lora_f16_to_f32(h); break; }
+            case LORA_DTYPE_BF16: { uint16_t h; memcpy(&h, (const uint8_t *)t->data + 2 * k, 2); v = lora_bf16_to_f32(h); break; }
+            case LORA_DTYPE_F64: { double d; memcpy(&d, (const uint8_t *)t->data + 8 * k, 8); v = (float)d; break; }
+            default: memcpy(&v, (const uint8_t *)t->data + 4 * k, 4); break;
+            }
+            if (to == LORA_DTYPE_F32) memcpy((uint8_t *)dst + 4 * k, &v, 4);
+            else {
+                uint16_t h = to == LORA_DTYPE_F16 ? lora_f32_to_f16(v) : lora_f32_to_bf16(v);
+                memcpy((uint8_t *)dst + 2 * k, &h, 2);
+            }
+        }
+        lora_status s = tmap_add(out, t->name, to, t->ndim, t->shape, dst, nbytes, 0, 1);
+        if (s != LORA_OK) {
+            lora_free(ctx, dst);
+            return s;
+        }
+    }
+    return LORA_OK;
+}
+
+static lora_status save_model(const lora_model *model, const char *path, const lora_params *opts) {
+    lora_ctx *ctx = model->ctx;
+    const char *as = lora_params_str(opts, LORA_P_SAVE_MODEL_AS);
+    const char *prec = lora_params_str(opts, LORA_P_SAVE_PRECISION);
+    lora_dtype to = strcmp(prec, "float") == 0 ? LORA_DTYPE_F32 : strcmp(prec, "fp16") == 0 ? LORA_DTYPE_F16
+                  : strcmp(prec, "bf16") == 0 ? LORA_DTYPE_BF16 : 0;
+    lora_status s = lora_progress(ctx, LORA_PHASE_SAVE, 0, 1, NAN);
+    if (s != LORA_OK) return s;
+    if (strncmp(as, "diffusers", 9) == 0) {
+        struct sd_model view;
+        sd_model_init(&view, ctx);
+        view.cfg = model->sd.cfg;
+        s = cast_map(ctx, &model->sd.unet, to, &view.unet);
+        if (s == LORA_OK) s = cast_map(ctx, &model->sd.vae, to, &view.vae);
+        if (s == LORA_OK) s = cast_map(ctx, &model->sd.te, to, &view.te);
+        if (s == LORA_OK) s = diffusers_save(ctx, path, &view, strcmp(as, "diffusers_safetensors") == 0);
+        if (s == LORA_OK && model->sd.extra.n)
+            lora_log(ctx, LORA_LOG_WARN, "%s: %lld tensors without a diffusers name (EMA, buffers) are not part of a "
+                     "diffusers folder; save as safetensors or ckpt to keep them", path, (long long)model->sd.extra.n);
+        sd_model_clear(&view);
+    } else {
+        struct tensor_map ldm, cast;
+        tmap_init(&ldm, ctx);
+        tmap_init(&cast, ctx);
+        s = sd_to_ldm(&model->sd, &ldm);
+        if (s == LORA_OK) s = cast_map(ctx, &ldm, to, &cast);
+        if (s == LORA_OK) {
+            if (strcmp(as, "ckpt") == 0 || strcmp(as, "pt") == 0) s = ckpt_write(ctx, path, &cast, 1);
+            else s = st_write_map(ctx, path, &cast, NULL, NULL, 0);
+        }
+        tmap_clear(&cast);
+        tmap_clear(&ldm);
+    }
+    if (s == LORA_OK) s = lora_progress(ctx, LORA_PHASE_SAVE, 1, 1, NAN);
+    return s;
+}
+
+LORA_API lora_status lora_model_save(const lora_model *model, const char *path, const lora_params *opts) {
+    if (!model_valid(model)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = path ? save_model(model, path, opts)
+                         : lora_fail(ctx, LORA_E_INVALID_ARG, "lora_model_save: path is NULL");
+    lora_leave(ctx);
+    return s;
+}
