@@ -5,6 +5,9 @@ on them: safetensors.torch.load_file and torch.load. Needs tests/reference/.venv
 
     python bench/load_peer.py write DIR      # once: DIR/sd15_random.{safetensors,ckpt}
     python bench/load_peer.py time DIR [REPS]
+    python bench/load_peer.py check ORIGINAL ROUNDTRIP DIFFUSERS_DIR
+                                             # LDM -> diffusers -> LDM kept every network tensor,
+                                             # and diffusers loads the SD 1.5-shaped folder
 """
 import os
 import sys
@@ -56,8 +59,24 @@ def time_them(d, reps):
     print("torch_load %.3f" % median(lambda: torch.load(ck, map_location="cpu"), reps))
 
 
+def check(orig, back, folder):
+    from safetensors.torch import load_file
+    from diffusers import UNet2DConditionModel
+    a, b = load_file(orig), load_file(back)
+    common = set(a) & set(b)
+    bad = [k for k in common if not torch.equal(a[k], b[k])]
+    print("round trip: %d tensors equal, %d differ, %d only in the original (%s), %d only in the copy"
+          % (len(common) - len(bad), len(bad), len(set(a) - set(b)), ", ".join(sorted(set(a) - set(b))),
+             len(set(b) - set(a))))
+    u = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
+    print("diffusers 0.10.2 loads our SD 1.5-shaped U-Net: %d parameters" % sum(p.numel() for p in u.parameters()))
+    return 1 if bad or set(b) - set(a) else 0
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "write":
         write(sys.argv[2])
+    elif sys.argv[1] == "check":
+        sys.exit(check(sys.argv[2], sys.argv[3], sys.argv[4]))
     else:
         time_them(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)

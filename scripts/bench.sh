@@ -18,6 +18,15 @@ if [ "${1:-}" = "load" ]; then
     ls -la build-bench/sd15_random.safetensors build-bench/sd15_random.ckpt | awk '{print $9, $5, "bytes"}'
     build-bench/bench/bench_load "$reps" build-bench/sd15_random.safetensors build-bench/sd15_random.ckpt
     $py bench/load_peer.py time build-bench "$reps"
+    # the real SD shapes exercise the LDM -> diffusers path the tiny test models cannot
+    ninja -C build-bench tools/lora >/dev/null
+    rm -rf build-bench/sd15_diffusers build-bench/sd15_back.safetensors
+    start=$(date +%s.%N)
+    build-bench/tools/lora convert build-bench/sd15_random.safetensors build-bench/sd15_diffusers 2>/dev/null
+    build-bench/tools/lora convert build-bench/sd15_diffusers build-bench/sd15_back.safetensors 2>/dev/null
+    echo "convert LDM -> diffusers -> LDM: $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s"
+    $py bench/load_peer.py check build-bench/sd15_random.safetensors build-bench/sd15_back.safetensors \
+        build-bench/sd15_diffusers 2>/dev/null
     exit 0
 fi
 for p in python3-numpy python3-threadpoolctl; do   # the peer, and the report of its BLAS

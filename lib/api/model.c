@@ -21,8 +21,10 @@ static int model_valid(const lora_model *m) { return m && m->magic == LORA_MODEL
 /* The maps first: their borrowed tensors point into the mappings. */
 static void model_release_files(lora_model *m) {
     sd_model_clear(&m->sd);
-    st_close(m->backing);
-    m->backing = NULL;
+    for (int i = 0; i < 3; i++) {
+        st_close(m->backing[i]);
+        m->backing[i] = NULL;
+    }
     struct ckpt_mapping map = {m->ckpt_map, m->ckpt_map_size};
     ckpt_unmap(&map);
     m->ckpt_map = NULL;
@@ -54,7 +56,7 @@ static lora_status load_into(lora_ctx *ctx, const char *path, const lora_params 
     LORA_TRY(sniff(ctx, path, &m->format));
     LORA_TRY(lora_progress(ctx, LORA_PHASE_LOAD, 0, 2, NAN));
     if (m->format == LORA_FORMAT_DIFFUSERS) {
-        LORA_TRY(diffusers_load(ctx, path, &m->sd));
+        LORA_TRY(diffusers_load(ctx, path, &m->sd, m->backing));
         char p[4200];
         struct stat sb;
         snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", path);
@@ -64,7 +66,7 @@ static lora_status load_into(lora_ctx *ctx, const char *path, const lora_params 
         tmap_init(&ldm, ctx);
         struct ckpt_mapping map = {NULL, 0};
         lora_status s = m->format == LORA_FORMAT_CKPT ? ckpt_read_mapped(ctx, path, &ldm, &map)
-                                                       : st_read_map(ctx, path, &ldm, &m->backing);
+                                                       : st_read_map(ctx, path, &ldm, &m->backing[0]);
         m->ckpt_map = map.base;
         m->ckpt_map_size = map.size;
         if (s == LORA_OK) s = lora_progress(ctx, LORA_PHASE_LOAD, 1, 2, NAN);

@@ -86,10 +86,10 @@ static lora_status json_int_list(lora_ctx *ctx, const char *file, json_t *o, con
 
 /* Weights of one component: `<dir>/<stem>.safetensors`, else `<dir>/<bin_name>`. */
 static lora_status load_weights(lora_ctx *ctx, const char *dir, const char *st_name, const char *bin_name,
-                                struct tensor_map *out) {
+                                struct tensor_map *out, struct lora_file **keep) {
     char p[PATH_CAP];
     pjoin(p, dir, st_name);
-    if (is_file(p)) return st_read_map(ctx, p, out, NULL);
+    if (is_file(p)) return st_read_map(ctx, p, out, keep);
     pjoin(p, dir, bin_name);
     if (is_file(p)) return ckpt_read(ctx, p, out);
     return lora_fail(ctx, LORA_E_NOT_FOUND, "%s: no weights (%s or %s)", dir, st_name, bin_name);
@@ -146,7 +146,7 @@ static lora_status read_vae_config(lora_ctx *ctx, const char *file, json_t *c, s
     return json_int_list(ctx, file, c, "block_out_channels", cfg->vae_block_channels, &cfg->vae_n_levels);
 }
 
-lora_status diffusers_load(lora_ctx *ctx, const char *dir, struct sd_model *m) {
+lora_status diffusers_load(lora_ctx *ctx, const char *dir, struct sd_model *m, struct lora_file *keep[3]) {
     char p[PATH_CAP], comp[PATH_CAP];
     if (strlen(dir) > PATH_CAP - 128) return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: path too long", dir);
     json_t *j = NULL;
@@ -167,8 +167,9 @@ lora_status diffusers_load(lora_ctx *ctx, const char *dir, struct sd_model *m) {
         json_decref(j);
         if (s != LORA_OK) return s;
         struct tensor_map *dst = c == 0 ? &m->unet : c == 1 ? &m->vae : &m->te;
-        if (c < 2) s = load_weights(ctx, comp, "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", dst);
-        else s = load_weights(ctx, comp, "model.safetensors", "pytorch_model.bin", dst);
+        if (c < 2) s = load_weights(ctx, comp, "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", dst,
+                                    &keep[c]);
+        else s = load_weights(ctx, comp, "model.safetensors", "pytorch_model.bin", dst, &keep[c]);
         if (s != LORA_OK) return s;
     }
     m->cfg.version = m->cfg.te_gelu ? 2 : 1;   /* OpenCLIP (gelu) text encoder: SD 2.x */

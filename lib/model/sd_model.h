@@ -52,7 +52,7 @@ struct lora_model {
     lora_ctx *ctx;
     lora_format format;
     struct sd_model sd;
-    struct lora_file *backing;   /* the mapped .safetensors that borrowed tensors point into */
+    struct lora_file *backing[3];   /* mapped .safetensors files that borrowed tensors point into */
     void *ckpt_map;              /* or the mapped .ckpt (see ckpt_read_mapped) */
     uint64_t ckpt_map_size;
 };
