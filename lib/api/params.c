@@ -7,6 +7,7 @@
 #include <strings.h>
 
 #include "internal.h"
+#include "core/utf8.h"
 
 #define PARAM_STRING_MAX 4095
 
@@ -263,17 +264,9 @@ static lora_status set_string(lora_params *p, int i, const char *utf8) {
     if (!utf8) return lora_fail(p->ctx, LORA_E_INVALID_ARG, "%s: value is NULL", d->name);
     size_t n = strlen(utf8);
     if (n > PARAM_STRING_MAX) return lora_fail(p->ctx, LORA_E_CONFIG_RANGE, "%s: %zu bytes exceed %d", d->name, n, PARAM_STRING_MAX);
-    for (size_t k = 0; k < n; k++) {
-        unsigned char c = (unsigned char)utf8[k];
-        /* structural UTF-8 check: lead bytes followed by the right continuation count */
-        int len = c < 0x80 ? 1 : (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : (c & 0xf8) == 0xf0 ? 4 : 0;
-        if (len == 0 || (len == 2 && c < 0xc2) || k + (size_t)len > n)
-            return lora_fail(p->ctx, LORA_E_CONFIG_RANGE, "%s: value is not valid UTF-8 (byte %zu)", d->name, k);
-        for (int j = 1; j < len; j++)
-            if (((unsigned char)utf8[k + (size_t)j] & 0xc0) != 0x80)
-                return lora_fail(p->ctx, LORA_E_CONFIG_RANGE, "%s: value is not valid UTF-8 (byte %zu)", d->name, k);
-        k += (size_t)len - 1;
-    }
+    size_t bad = 0;
+    if (!utf8_valid((const uint8_t *)utf8, n, &bad))
+        return lora_fail(p->ctx, LORA_E_CONFIG_RANGE, "%s: value is not valid UTF-8 (byte %zu)", d->name, bad);
     if (d->choices && !choice_ok(d->choices, utf8))
         return lora_fail(p->ctx, LORA_E_CONFIG_RANGE, "%s: \"%s\" is not one of %s", d->name, utf8, d->choices);
     if (d->resolution && !resolution_ok(utf8))

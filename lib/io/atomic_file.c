@@ -3,6 +3,7 @@
 #include <libgen.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "io/atomic_file.h"
@@ -14,6 +15,22 @@ lora_status io_fail(lora_ctx *ctx, int err, const char *what, const char *path) 
     else if (err == ETXTBSY || err == EBUSY) s = LORA_E_DEST_BUSY;
     else if (err == ENOMEM) s = LORA_E_NOMEM;
     return lora_fail(ctx, s, "%s: %s failed: %s", path, what, strerror(err));
+}
+
+lora_status io_open_read(lora_ctx *ctx, const char *path, int *fd, uint64_t *size) {
+    *fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (*fd < 0) return io_fail(ctx, errno, "open", path);
+    struct stat sb;
+    lora_status s = LORA_OK;
+    if (fstat(*fd, &sb) != 0) s = io_fail(ctx, errno, "stat", path);
+    else if (!S_ISREG(sb.st_mode)) s = lora_fail(ctx, LORA_E_IO, "%s: not a regular file", path);
+    if (s != LORA_OK) {
+        close(*fd);
+        *fd = -1;
+        return s;
+    }
+    *size = (uint64_t)sb.st_size;
+    return LORA_OK;
 }
 
 static char *dir_of(lora_ctx *ctx, const char *path) {

@@ -20,6 +20,10 @@ lora_status atomic_file_commit(struct atomic_file *af);
 /* Discards the temp file (safe to call after a failed commit, and twice). */
 void atomic_file_abort(struct atomic_file *af);
 
+/* Opens `path` read-only and checks it is a regular file; *size gets its length. On failure
+ * nothing stays open and the status names the file. */
+lora_status io_open_read(lora_ctx *ctx, const char *path, int *fd, uint64_t *size);
+
 /* Maps errno of a failed I/O call to a status with a message naming `path`. */
 lora_status io_fail(lora_ctx *ctx, int err, const char *what, const char *path);
 

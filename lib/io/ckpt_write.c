@@ -20,7 +20,7 @@
 #include "core/dtype.h"
 #include "io/atomic_file.h"
 #include "io/ckpt.h"
-#include "io/safetensors.h"   /* utf8_valid */
+#include "core/utf8.h"
 
 #define ALIGN 64
 #define BATCH 1000   /* SETITEMS batch size, as Python's pickler */

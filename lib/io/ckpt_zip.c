@@ -777,21 +777,12 @@ void ckpt_unmap(struct ckpt_mapping *m) {
 lora_status ckpt_read_mapped(lora_ctx *ctx, const char *path, struct tensor_map *out, struct ckpt_mapping *keep) {
     if (keep) keep->base = NULL;
     if (!path || !out) return lora_fail(ctx, LORA_E_INVALID_ARG, "ckpt_read: NULL argument");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return io_fail(ctx, errno, "open", path);
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        lora_status s = io_fail(ctx, errno, "stat", path);
-        close(fd);
-        return s;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return lora_fail(ctx, LORA_E_IO, "%s: not a regular file", path);
-    }
-    struct src s = {ctx, path, fd, NULL, (uint64_t)sb.st_size, 0, 0};
-    if (keep && sb.st_size > 0) {
-        void *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int fd;
+    uint64_t size;
+    LORA_TRY(io_open_read(ctx, path, &fd, &size));
+    struct src s = {ctx, path, fd, NULL, size, 0, 0};
+    if (keep && size > 0) {
+        void *map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map != MAP_FAILED) {   /* else fall back to pread and copies */
             s.mem = map;
             s.fd = -1;
@@ -803,9 +794,9 @@ lora_status ckpt_read_mapped(lora_ctx *ctx, const char *path, struct tensor_map 
     if (s.borrow) {
         if (st == LORA_OK && s.borrowed) {
             keep->base = (void *)s.mem;
-            keep->size = (uint64_t)sb.st_size;
+            keep->size = size;
         } else {
-            munmap((void *)s.mem, (size_t)sb.st_size);   /* every tensor was copied */
+            munmap((void *)s.mem, (size_t)size);   /* every tensor was copied */
         }
     }
     return st;

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "core/dtype.h"
+#include "core/utf8.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 
@@ -52,31 +53,6 @@ static int st_dtype_index_by_type(lora_dtype t) {
     return -1;
 }
 
-/* ---- UTF-8 ------------------------------------------------------------------------------ */
-int utf8_valid(const uint8_t *s, size_t n, size_t *bad_at) {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        size_t len;
-        uint32_t cp, min;
-        if (c < 0x80) { i++; continue; }
-        else if ((c & 0xe0) == 0xc0) { len = 2; cp = c & 0x1f; min = 0x80; }
-        else if ((c & 0xf0) == 0xe0) { len = 3; cp = c & 0x0f; min = 0x800; }
-        else if ((c & 0xf8) == 0xf0) { len = 4; cp = c & 0x07; min = 0x10000; }
-        else goto bad;
-        if (n - i < len) goto bad;
-        for (size_t k = 1; k < len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) goto bad;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) goto bad;
-        i += len;
-    }
-    return 1;
-bad:
-    if (bad_at) *bad_at = i;
-    return 0;
-}
 
 /* ---- file kind sniffing: used when the 8-byte length is impossible, or when a plausible
  * length is followed by a header that is not UTF-8 JSON ---------------------------------- */
@@ -335,19 +311,9 @@ lora_status st_parse(lora_ctx *ctx, const char *label, const uint8_t *buf, uint6
 
 lora_status st_open(lora_ctx *ctx, const char *path, struct lora_file **out) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return io_fail(ctx, errno, "open", path);
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        lora_status s = io_fail(ctx, errno, "stat", path);
-        close(fd);
-        return s;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return lora_fail(ctx, LORA_E_IO, "%s: not a regular file", path);
-    }
-    uint64_t size = (uint64_t)sb.st_size;
+    int fd;
+    uint64_t size;
+    LORA_TRY(io_open_read(ctx, path, &fd, &size));
     const uint8_t *map = NULL;
     if (size > 0) {
         void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);

@@ -64,8 +64,5 @@ lora_status st_write(lora_ctx *ctx, const char *path, const struct st_write_tens
                      int64_t n, const char *const *meta_keys, const char *const *meta_vals,
                      int64_t n_meta);
 
-/* 1 when `s[0..n)` is valid UTF-8 (no overlongs, surrogates or code points > U+10FFFF);
- * else 0 and *bad_at = offset of the first bad byte. */
-int utf8_valid(const uint8_t *s, size_t n, size_t *bad_at);
 
 #endif

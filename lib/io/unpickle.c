@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "core/checked.h"
+#include "core/utf8.h"
 #include "io/ckpt.h"
 
 #define PK_MAX_DEPTH       10000          /* nested MARKs */
@@ -544,30 +545,7 @@ static uint64_t rd_le(const uint8_t *p, int k) {
 
 /* Python decodes pickle strings as UTF-8 with "surrogatepass": encoded surrogates are allowed,
  * overlong forms and code points above U+10FFFF are not. */
-static int utf8_surrogatepass_ok(const uint8_t *s, size_t n, size_t *bad) {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        size_t len;
-        uint32_t cp, min;
-        if (c < 0x80) { i++; continue; }
-        if ((c & 0xe0) == 0xc0) { len = 2; cp = c & 0x1f; min = 0x80; }
-        else if ((c & 0xf0) == 0xe0) { len = 3; cp = c & 0x0f; min = 0x800; }
-        else if ((c & 0xf8) == 0xf0) { len = 4; cp = c & 0x07; min = 0x10000; }
-        else goto fail;
-        if (n - i < len) goto fail;
-        for (size_t k = 1; k < len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) goto fail;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff) goto fail;
-        i += len;
-    }
-    return 1;
-fail:
-    *bad = i;
-    return 0;
-}
+#define utf8_surrogatepass_ok(s, n, bad) utf8_check((s), (n), 1, (bad))
 
 static lora_status push_text(struct vm *v, uint64_t len, int unicode) {
     if (v->n - v->pos < len)

@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "core/utf8.h"
 #include "io/safetensors.h"
 #include "../test.h"
 
