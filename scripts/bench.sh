@@ -2,6 +2,8 @@
 # CPU benchmarks with their peer measured in the same run: liblora's CPU backend against
 # numpy (OpenBLAS) on the same shapes, printed as ratios with the machine description.
 # usage: scripts/bench.sh [reps]      GEMM / conv against numpy
+#        scripts/bench.sh clip [reps] CLIP-L text encoder forward / LoRA step against transformers
+#                                     on PyTorch CPU (needs tests/reference/.venv)
 #        scripts/bench.sh load [reps] checkpoint load against safetensors/torch.load (needs
 #                                     tests/reference/.venv, see tests/reference/README.md;
 #                                     writes ~4.3 GB of SD 1.5-sized files under build-bench/)
@@ -27,6 +29,26 @@ if [ "${1:-}" = "load" ]; then
     echo "convert LDM -> diffusers -> LDM: $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s"
     $py bench/load_peer.py check build-bench/sd15_random.safetensors build-bench/sd15_back.safetensors \
         build-bench/sd15_diffusers 2>/dev/null
+    exit 0
+fi
+if [ "${1:-}" = "clip" ]; then
+    reps=${2:-5}
+    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+    ninja -C build-bench bench/bench_clip >/dev/null
+    py=tests/reference/.venv/bin/python
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+    ours=$(mktemp); peer=$(mktemp)
+    trap 'rm -f "$ours" "$peer"' EXIT
+    build-bench/bench/bench_clip "$reps" > "$ours"
+    threads=$(sed -n 's/^# threads(ctx): //p' "$ours")
+    $py bench/clip_peer.py "$reps" "${threads:-$(nproc)}" > "$peer"
+    grep '^#' "$ours"; grep '^#' "$peer"
+    printf '%-22s %12s %12s %8s\n' case "liblora ms" "torch ms" ratio
+    grep -v '^#' "$ours" | while read -r name ms; do
+        pms=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
+        printf '%-22s %12s %12s %8s\n' "$name" "$ms" "$pms" "$(awk -v a="$ms" -v b="$pms" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", b / a; else print "-" }')"
+    done
+    echo "(ratio = torch time / liblora time: > 1 means liblora is faster on this machine in this run)"
     exit 0
 fi
 for p in python3-numpy python3-threadpoolctl; do   # the peer, and the report of its BLAS

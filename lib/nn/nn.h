@@ -1,0 +1,117 @@
+/* Layer ops with explicit forward and backward (llm.c style), fp32, the CPU reference of every
+ * layer the text encoder (and later the U-Net) is built from.
+ *
+ * Memory: every buffer is host fp32, C-contiguous, owned by the caller; no op allocates. Row
+ * counts `n` are the flattened leading dimensions (batch * tokens). GEMMs go through the
+ * backend vtable (be->iface->gemm_f32); everything else is a loop here, parallel over rows
+ * with the context's thread count.
+ *
+ * Gradient convention (every *_backward here):
+ *   - parameter gradients ACCUMULATE: dW, dB, d_gamma, d_beta, d_down, d_up, d_table get
+ *     `+=`, so a caller zeroes them once per optimizer step and micro-batches add up;
+ *   - activation gradients are WRITTEN: dX gets `=` ...
+ *   - ... except where the op says otherwise: ops with an `accumulate` argument write (0) or
+ *     add (1) into dX, and nn_lora_backward always adds into dX (the LoRA branch is a second
+ *     path next to the base linear, whose backward has written dX first);
+ *   - a NULL gradient pointer skips that gradient (frozen base weights: dW = dB = NULL);
+ *   - dX may not alias the op's forward inputs unless the op says so.
+ * Weights use torch layouts: Linear W [out, in], LayerNorm gamma/beta [c], Embedding [vocab, c].
+ * Forward ops save what their backward needs into caller buffers named in each signature
+ * (LayerNorm mean/rstd, attention probabilities, the LoRA down projection). */
+#ifndef LORA_NN_NN_H
+#define LORA_NN_NN_H
+
+#include "internal.h"
+
+struct lora_backend_impl;
+
+/* ---- linear: y[n,out] = x[n,in] W^T + b ------------------------------------------------- */
+
+/* b may be NULL (no bias). y must not alias x. */
+lora_status nn_linear_forward(struct lora_backend_impl *be, float *y, const float *x,
+                              const float *w, const float *b, int64_t n, int64_t in, int64_t out);
+/* dx[n,in] (=, or += when accumulate) dy W; dw[out,in] += dy^T x; db[out] += sum_rows dy.
+ * Any of dx, dw, db may be NULL; x is only read when dw is given. */
+lora_status nn_linear_backward(struct lora_backend_impl *be, float *dx, float *dw, float *db,
+                               const float *dy, const float *x, const float *w, int64_t n,
+                               int64_t in, int64_t out, int accumulate);
+
+/* ---- LoRA adapter on a linear layer (kohya networks/lora.py, spec §1.5) -------------------
+ * y += scale * up(down(x)), scale = alpha / rank * multiplier; no bias on either factor.
+ * The struct borrows its weights and gradient buffers (the network layer owns them). */
+struct nn_lora {
+    int64_t in, out, rank;
+    float scale;            /* nn_lora_scale(alpha, rank, multiplier) */
+    const float *down;      /* [rank, in]  (lora_down.weight) */
+    const float *up;        /* [out, rank] (lora_up.weight) */
+    float *d_down;          /* [rank, in]  gradient, accumulated; NULL = not trained */
+    float *d_up;            /* [out, rank] gradient, accumulated; NULL = not trained */
+};
+/* alpha / rank * multiplier; alpha <= 0 (absent, 0, None in kohya) means alpha = rank. */
+float nn_lora_scale(double alpha, int64_t rank, double multiplier);
+/* h[n,rank] = x down^T (saved for backward); y[n,out] += scale * h up^T. */
+lora_status nn_lora_forward(struct lora_backend_impl *be, const struct nn_lora *l, float *y,
+                            float *h, const float *x, int64_t n);
+/* d_up += scale * dy^T h; dh[n,rank] = scale * dy up (scratch, written); d_down += dh^T x;
+ * dx[n,in] += dh down (dx may be NULL). */
+lora_status nn_lora_backward(struct lora_backend_impl *be, const struct nn_lora *l, float *dx,
+                             float *dh, const float *dy, const float *x, const float *h,
+                             int64_t n);
+
+/* ---- LayerNorm over the last dimension c (torch.nn.LayerNorm, biased variance) ----------- */
+
+/* y[n,c] = (x - mean) * rstd * gamma + beta; mean[n], rstd[n] saved. gamma/beta may be NULL
+ * (1 and 0). y may alias x. */
+lora_status nn_layernorm_forward(struct lora_backend_impl *be, float *y, float *mean, float *rstd,
+                                 const float *x, const float *gamma, const float *beta,
+                                 int64_t n, int64_t c, float eps);
+/* dx (=, or += when accumulate); d_gamma, d_beta += (either may be NULL). dx must not alias
+ * dy or x. */
+lora_status nn_layernorm_backward(struct lora_backend_impl *be, float *dx, float *d_gamma,
+                                  float *d_beta, const float *dy, const float *x,
+                                  const float *mean, const float *rstd, const float *gamma,
+                                  int64_t n, int64_t c, int accumulate);
+
+/* ---- multi-head self-attention core ----------------------------------------------------
+ * q, k, v, out: [batch, t, heads * d] (head h owns columns h*d .. h*d+d-1, as a torch
+ * view(b, t, heads, d) gives); probs: [batch, heads, t, t] softmax(q k^T / sqrt(d)) saved
+ * for backward. causal: position i attends to j <= i only (CLIP's text mask; masked
+ * probabilities are stored as exact zeros). */
+lora_status nn_attention_forward(struct lora_backend_impl *be, float *out, float *probs,
+                                 const float *q, const float *k, const float *v, int64_t batch,
+                                 int64_t t, int64_t heads, int64_t d, int causal);
+/* dq, dk, dv written [batch, t, heads*d]; scratch: t*t floats. */
+lora_status nn_attention_backward(struct lora_backend_impl *be, float *dq, float *dk, float *dv,
+                                  float *scratch, const float *dout, const float *probs,
+                                  const float *q, const float *k, const float *v, int64_t batch,
+                                  int64_t t, int64_t heads, int64_t d);
+
+/* ---- activations (elementwise; y may alias x, dx may alias dy) --------------------------- */
+
+/* quick_gelu: x * sigmoid(1.702 x) (CLIP-L, transformers' QuickGELUActivation) */
+lora_status nn_quick_gelu_forward(struct lora_backend_impl *be, float *y, const float *x, int64_t n);
+lora_status nn_quick_gelu_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                   const float *x, int64_t n);
+/* gelu: 0.5 x (1 + erf(x / sqrt 2)) (exact, torch's default; OpenCLIP-H) */
+lora_status nn_gelu_forward(struct lora_backend_impl *be, float *y, const float *x, int64_t n);
+lora_status nn_gelu_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                             const float *x, int64_t n);
+
+/* ---- residual add: y += x. Its backward is the identity on both branches: the gradient of
+ * the skip path is dy itself, so callers let the branch's backward accumulate into it. --- */
+lora_status nn_residual_add(struct lora_backend_impl *be, float *y, const float *x, int64_t n);
+
+/* ---- embedding lookup -------------------------------------------------------------------
+ * y[n,c] = table[ids[i]] (+ pos[i % positions] when pos is given: the learned position
+ * embedding of a [batch, positions] id layout). An id outside [0, vocab) ->
+ * LORA_E_INVALID_ARG naming the row and id; y is then unspecified. */
+lora_status nn_embedding_forward(struct lora_backend_impl *be, float *y, const int32_t *ids,
+                                 const float *table, const float *pos, int64_t n,
+                                 int64_t positions, int64_t vocab, int64_t c);
+/* d_table[ids[i]] += dy[i]; d_pos[i % positions] += dy[i] (either may be NULL). ids must
+ * have passed the forward's range check. */
+lora_status nn_embedding_backward(struct lora_backend_impl *be, float *d_table, float *d_pos,
+                                  const float *dy, const int32_t *ids, int64_t n,
+                                  int64_t positions, int64_t c);
+
+#endif
