@@ -7,9 +7,31 @@
 #        scripts/bench.sh load [reps] checkpoint load against safetensors/torch.load (needs
 #                                     tests/reference/.venv, see tests/reference/README.md;
 #                                     writes ~4.3 GB of SD 1.5-sized files under build-bench/)
+#        scripts/bench.sh tokenizer [reps] CLIP tokenizer prompts/s against transformers (+ ftfy)
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
+# scripts/bench.sh tokenizer [reps]: CLIP tokenizer prompts/s against transformers' slow
+# CLIPTokenizer with ftfy (the peer needs tests/reference/.venv, see tests/reference/README.md)
+if [ "${1:-}" = "tokenizer" ]; then
+    reps=${2:-200}
+    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+    ninja -C build-bench bench/bench_tokenizer >/dev/null
+    fixture=tests/data/tokenizer/reference_ids.json
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+    ours=$(mktemp); peer=$(mktemp)
+    trap 'rm -f "$ours" "$peer"' EXIT
+    build-bench/bench/bench_tokenizer "$reps" "$fixture" > "$ours"
+    tests/reference/.venv/bin/python bench/tokenizer_peer.py "$(( reps / 40 + 1 ))" "$fixture" > "$peer"
+    grep '^#' "$ours"; grep '^#' "$peer"
+    printf '%-14s %16s %16s %8s\n' case "liblora prompt/s" "python prompt/s" ratio
+    grep -v '^#' "$ours" | while read -r name v; do
+        p=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
+        printf '%-14s %16s %16s %8s\n' "$name" "$v" "${p:--}" "$(awk -v a="$v" -v b="$p" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }')"
+    done
+    echo "(ratio > 1: liblora faster than the peer on this machine in this run; _cold has no peer)"
+    exit 0
+fi
 if [ "${1:-}" = "load" ]; then
     reps=${2:-3}
     [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null

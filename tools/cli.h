@@ -5,4 +5,5 @@
 int cli_fail(lora_ctx *ctx, lora_status s, const char *what);
 int cmd_info(lora_ctx *ctx, int argc, char **argv);
 int cmd_convert(lora_ctx *ctx, int argc, char **argv);
+int cmd_tokenize(lora_ctx *ctx, int argc, char **argv);
 #endif

@@ -29,6 +29,8 @@ static void usage(FILE *out) {
             "  info FILE [--json]   describe a .safetensors file (tensors, dtypes, metadata, LoRA rank/alpha)\n"
             "                       or an SD checkpoint (.safetensors, .ckpt, diffusers folder)\n"
             "  convert IN OUT       convert an SD checkpoint between .safetensors, .ckpt and diffusers\n"
+            "  tokenize [--v2] [--max_token_length 75|150|225] [--raw] TEXT...\n"
+            "                       print the CLIP token ids kohya's training feeds the text encoder\n"
             "  version              print the library version and build features\n"
             "\n"
             "options for every command:\n"
@@ -60,6 +62,8 @@ int main(int argc, char **argv) {
         rc = cmd_info(ctx, argc - 2, argv + 2);
     } else if (strcmp(argv[1], "convert") == 0) {
         rc = cmd_convert(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "tokenize") == 0) {
+        rc = cmd_tokenize(ctx, argc - 2, argv + 2);
     } else {
         fprintf(stderr, "lora: unknown command '%s'\n", argv[1]);
         usage(stderr);

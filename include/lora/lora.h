@@ -484,6 +484,56 @@ LORA_API lora_status lora_file_read_f32(const lora_file *f, int64_t index, float
                                         uint64_t cap);
 
 /* ======================================================================================
+ * Tokenizer: the CLIP BPE tokenizer kohya's sd-scripts encodes every caption and prompt
+ * with (transformers 4.25.1's slow CLIPTokenizer with ftfy installed), built into the
+ * library: no vocabulary file is read at run time.
+ * ====================================================================================== */
+typedef struct lora_tokenizer lora_tokenizer;
+
+typedef int32_t lora_tokenizer_flavour;
+#define LORA_TOKENIZER_SD1 1   /* openai/clip-vit-large-patch14: pads with EOS (49407) */
+#define LORA_TOKENIZER_SD2 2   /* stable-diffusion-2 "tokenizer": pads with "!" (id 0), and a
+                                  "!" in the text is that pad token too (id 0) */
+
+#define LORA_TOKEN_BOS 49406   /* <|startoftext|> */
+#define LORA_TOKEN_EOS 49407   /* <|endoftext|> */
+
+/* Creates a tokenizer of `flavour` (LORA_TOKENIZER_SD1 or LORA_TOKENIZER_SD2). It holds the
+ * 48894 merges (about 0.8 MB) and a cache of the words it has seen, so one tokenizer should
+ * serve many prompts. It belongs to `ctx` (same thread rules) and keeps it alive until freed.
+ * Errors: LORA_E_INVALID_ARG (NULL ctx/out, unknown flavour), LORA_E_NOMEM. Free with
+ * lora_tokenizer_free. Since 0.2.0. */
+LORA_API lora_status lora_tokenizer_create(lora_ctx *ctx, lora_tokenizer_flavour flavour,
+                                           lora_tokenizer **out);
+
+/* Frees a tokenizer. NULL is a no-op. Since 0.2.0. */
+LORA_API void lora_tokenizer_free(lora_tokenizer *tok);
+
+/* Token ids of `utf8_text` exactly as kohya's train_util.get_input_ids builds them:
+ * the text is normalised as CLIPTokenizer does (ftfy.fix_text: mojibake, HTML entities,
+ * curly quotes, ligatures, full-width forms, control characters, NFC; white space collapsed;
+ * lower-cased), split and byte-pair encoded, then BOS + at most max_token_length ids + EOS,
+ * padded to max_token_length + 2 with the flavour's pad id. `max_token_length` is 75 (one
+ * sequence of 77), 150 or 225 (kohya's --max_token_length: 2 or 3 chunks of 77, each BOS +
+ * 75 ids + EOS/pad, with kohya's SD2 fix-ups of the chunk ends). Writes 77 *
+ * (max_token_length / 75) ids to `ids` and that count to `*n_ids` (n_ids may be NULL).
+ * Errors: LORA_E_INVALID_ARG (NULL tok/text/ids), LORA_E_CONFIG_RANGE (max_token_length),
+ * LORA_E_LIMIT (`cap` too small: *n_ids still says how many are needed),
+ * LORA_E_CAPTION_ENCODING (not valid UTF-8; the message gives the byte offset).
+ * Since 0.2.0. */
+LORA_API lora_status lora_tokenizer_encode(lora_tokenizer *tok, const char *utf8_text,
+                                           int32_t max_token_length, int32_t *ids, size_t cap,
+                                           size_t *n_ids);
+
+/* Every token id of `utf8_text`, without BOS/EOS, padding or truncation (what
+ * CLIPTokenizer.tokenize + convert_tokens_to_ids give). `*n_ids` receives the count. With
+ * ids NULL and cap 0 it only counts; otherwise `cap` smaller than the count gives
+ * LORA_E_LIMIT (the first `cap` ids are written). Errors as lora_tokenizer_encode.
+ * Since 0.2.0. */
+LORA_API lora_status lora_tokenizer_tokenize(lora_tokenizer *tok, const char *utf8_text,
+                                             int32_t *ids, size_t cap, size_t *n_ids);
+
+/* ======================================================================================
  * Models: Stable Diffusion v1/v2 checkpoints (.safetensors / .ckpt / diffusers folders).
  * ====================================================================================== */
 typedef struct lora_model lora_model;
