@@ -1,24 +1,13 @@
-// Elementwise kernels: the first set of the CUDA backend. Each matches the CPU backend's
+// Elementwise kernels of the CUDA backend. Each matches the CPU backend's
 // loop in lib/backend/cpu.c on the same inputs (tests/cuda/test_cuda_ops.c checks it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "kernels.h"
 
 namespace {
-
-constexpr int kBlock = 256;
-
-// Grid-stride loops so any n fits a bounded grid.
-inline unsigned grid_for(int64_t n) {
-    int64_t blocks = (n + kBlock - 1) / kBlock;
-    if (blocks > 65535 * 8) blocks = 65535 * 8;
-    return blocks < 1 ? 1u : static_cast<unsigned>(blocks);
-}
-
-#define GRID_STRIDE(i, n) \
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)blockDim.x * gridDim.x)
 
 __global__ void axpby_kernel(int64_t n, float alpha, const float *x, float beta, float *y) {
     GRID_STRIDE(i, n) y[i] = alpha * x[i] + beta * y[i];
@@ -54,6 +43,38 @@ __global__ void gelu_backward_kernel(int64_t n, const float *x, const float *dy,
     }
 }
 
+constexpr float kQuickGeluK = 1.702f;
+
+__global__ void quick_gelu_kernel(int64_t n, const float *x, float *y) {
+    GRID_STRIDE(i, n) {
+        float xi = x[i];
+        y[i] = xi * (1.0f / (1.0f + expf(-kQuickGeluK * xi)));
+    }
+}
+
+__global__ void quick_gelu_backward_kernel(int64_t n, const float *x, const float *dy, float *dx) {
+    GRID_STRIDE(i, n) {
+        float xi = x[i], s = 1.0f / (1.0f + expf(-kQuickGeluK * xi));
+        dx[i] = dy[i] * (s + xi * kQuickGeluK * s * (1.0f - s));
+    }
+}
+
+__global__ void fill_kernel(int64_t n, float value, float *x) {
+    GRID_STRIDE(i, n) x[i] = value;
+}
+
+__global__ void scale_kernel(int64_t n, float alpha, float *x) {
+    GRID_STRIDE(i, n) x[i] *= alpha;
+}
+
+// y[i, j] = row[j] + beta * y[i, j]; beta == 0 does not read y.
+__global__ void add_rows_kernel(int64_t n, int64_t c, const float *row, float beta, float *y) {
+    GRID_STRIDE(i, n * c) {
+        float r = row[i % c];
+        y[i] = beta == 0.0f ? r : r + beta * y[i];
+    }
+}
+
 __global__ void f32_to_f16_kernel(int64_t n, const float *s, __half *d) {
     GRID_STRIDE(i, n) d[i] = __float2half_rn(s[i]);
 }
@@ -79,8 +100,6 @@ __global__ void im2col_kernel(const float *x, int64_t c, int64_t h, int64_t w, i
         cols[idx] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? x[(ci * h + iy) * w + ix] : 0.0f;
     }
 }
-
-inline int launched() { return static_cast<int>(cudaGetLastError()); }
 
 }  // namespace
 
@@ -119,6 +138,36 @@ int lk_gelu_f32(lora_cuda_stream s, int64_t n, const float *x, float *y) {
 int lk_gelu_backward_f32(lora_cuda_stream s, int64_t n, const float *x, const float *dy, float *dx) {
     if (n <= 0) return 0;
     gelu_backward_kernel<<<grid_for(n), kBlock, 0, s>>>(n, x, dy, dx);
+    return launched();
+}
+
+int lk_quick_gelu_f32(lora_cuda_stream s, int64_t n, const float *x, float *y) {
+    if (n <= 0) return 0;
+    quick_gelu_kernel<<<grid_for(n), kBlock, 0, s>>>(n, x, y);
+    return launched();
+}
+
+int lk_quick_gelu_backward_f32(lora_cuda_stream s, int64_t n, const float *x, const float *dy, float *dx) {
+    if (n <= 0) return 0;
+    quick_gelu_backward_kernel<<<grid_for(n), kBlock, 0, s>>>(n, x, dy, dx);
+    return launched();
+}
+
+int lk_fill_f32(lora_cuda_stream s, int64_t n, float value, float *x) {
+    if (n <= 0) return 0;
+    fill_kernel<<<grid_for(n), kBlock, 0, s>>>(n, value, x);
+    return launched();
+}
+
+int lk_scale_f32(lora_cuda_stream s, int64_t n, float alpha, float *x) {
+    if (n <= 0) return 0;
+    scale_kernel<<<grid_for(n), kBlock, 0, s>>>(n, alpha, x);
+    return launched();
+}
+
+int lk_add_rows_f32(lora_cuda_stream s, int64_t n, int64_t c, const float *row, float beta, float *y) {
+    if (n <= 0 || c <= 0) return 0;
+    add_rows_kernel<<<grid_for(n * c), kBlock, 0, s>>>(n, c, row, beta, y);
     return launched();
 }
 

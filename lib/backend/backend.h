@@ -63,6 +63,58 @@ struct lora_backend_iface {
                               float *cols);
     /* Device memory held by this backend and free on its device. OPTIONAL. */
     void (*memory)(struct lora_backend_impl *be, uint64_t *used, uint64_t *avail);
+
+    /* ---- layer-op primitives of lib/nn (all required). fp32, row-major [n, c] matrices,
+     * C-contiguous; every pointer is a buffer of this backend. ------------------------------ */
+    /* dst = src, `bytes` inside this backend's memory. The regions must not overlap unless
+     * dst == src (a no-op). */
+    lora_status (*copy)(struct lora_backend_impl *be, void *dst, const void *src, size_t bytes);
+    /* x[i] = value */
+    lora_status (*fill_f32)(struct lora_backend_impl *be, int64_t n, float value, float *x);
+    /* x[i] *= alpha */
+    lora_status (*scale_f32)(struct lora_backend_impl *be, int64_t n, float alpha, float *x);
+    /* Broadcast over rows (bias add): y[i,j] = row[j] + beta * y[i,j]; beta == 0 writes
+     * row[j] without reading y (as BLAS treats beta = 0). */
+    lora_status (*add_rows_f32)(struct lora_backend_impl *be, int64_t n, int64_t c, const float *row,
+                                float beta, float *y);
+    /* Column sums (bias gradient): out[j] = sum_i x[i,j] + beta * out[j]; beta == 0 writes. */
+    lora_status (*col_sum_f32)(struct lora_backend_impl *be, int64_t n, int64_t c, const float *x,
+                               float beta, float *out);
+    /* quick_gelu x * sigmoid(1.702 x) and its backward (dx may alias dy, y may alias x). */
+    lora_status (*quick_gelu_f32)(struct lora_backend_impl *be, int64_t n, const float *x, float *y);
+    lora_status (*quick_gelu_backward_f32)(struct lora_backend_impl *be, int64_t n, const float *x,
+                                           const float *dy, float *dx);
+    /* LayerNorm over the c columns of each row (biased variance, eps inside the root):
+     * y = (x - mean) * rstd * gamma + beta, mean[n] and rstd[n] saved. gamma/beta may be NULL
+     * (1 and 0); y may alias x. */
+    lora_status (*layernorm_f32)(struct lora_backend_impl *be, int64_t n, int64_t c, float eps,
+                                 const float *x, const float *gamma, const float *beta, float *y,
+                                 float *mean, float *rstd);
+    /* dx (= or, with accumulate, +=); d_gamma, d_beta += (each may be NULL). dx must not alias
+     * dy or x. */
+    lora_status (*layernorm_backward_f32)(struct lora_backend_impl *be, int64_t n, int64_t c,
+                                          const float *dy, const float *x, const float *mean,
+                                          const float *rstd, const float *gamma, float *dx,
+                                          float *d_gamma, float *d_beta, int accumulate);
+    /* In-place softmax of `rows` rows of t. causal: row r keeps columns j <= r % t (the rows
+     * are [.., t, t] score matrices) and the masked entries become exact zeros. */
+    lora_status (*softmax_f32)(struct lora_backend_impl *be, int64_t rows, int64_t t, int causal,
+                               float *x);
+    /* dx = p * (dy - sum_j p * dy) per row; dx may alias dy. */
+    lora_status (*softmax_backward_f32)(struct lora_backend_impl *be, int64_t rows, int64_t t,
+                                        const float *p, const float *dy, float *dx);
+    /* y[i] = table[ids[i]] (+ pos[i % positions] when pos is given), rows of c. ids are checked
+     * against [0, vocab): *bad_row gets the first row whose id is outside (-1 when none) and
+     * *bad_id that id; the call still returns LORA_OK then (the caller reports) and y is
+     * unspecified. May synchronise (the device writes a flag the host reads). */
+    lora_status (*embedding_f32)(struct lora_backend_impl *be, int64_t n, int64_t c, const int32_t *ids,
+                                 const float *table, const float *pos, int64_t positions,
+                                 int64_t vocab, float *y, int64_t *bad_row, int32_t *bad_id);
+    /* d_table[ids[i]] += dy[i]; d_pos[i % positions] += dy[i] (either may be NULL). ids must
+     * have passed embedding_f32's check. */
+    lora_status (*embedding_backward_f32)(struct lora_backend_impl *be, int64_t n, int64_t c,
+                                          const int32_t *ids, const float *dy, int64_t positions,
+                                          float *d_table, float *d_pos);
 };
 
 struct lora_backend_impl {

@@ -211,6 +211,226 @@ static lora_status cpu_im2col_f32(struct lora_backend_impl *be, const float *x, 
     return LORA_OK;
 }
 
+/* ---- layer-op primitives (the loops lib/nn ran before they moved behind the vtable) ---- */
+
+static lora_status cpu_fill_f32(struct lora_backend_impl *be, int64_t n, float value, float *x) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) x[i] = value;
+    return LORA_OK;
+}
+
+static lora_status cpu_scale_f32(struct lora_backend_impl *be, int64_t n, float alpha, float *x) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) x[i] *= alpha;
+    return LORA_OK;
+}
+
+static lora_status cpu_add_rows_f32(struct lora_backend_impl *be, int64_t n, int64_t c, const float *row,
+                                    float beta, float *y) {
+    int nt = lora_threads(be->ctx);
+    if (beta == 0.0f) {
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) memcpy(y + i * c, row, (size_t)c * sizeof(float));
+    } else {
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            float *yi = y + i * c;
+            for (int64_t j = 0; j < c; j++) yi[j] = row[j] + beta * yi[j];
+        }
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_col_sum_f32(struct lora_backend_impl *be, int64_t n, int64_t c, const float *x,
+                                   float beta, float *out) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+    for (int64_t j = 0; j < c; j++) {
+        double s = 0.0;
+        for (int64_t i = 0; i < n; i++) s += x[i * c + j];
+        out[j] = beta == 0.0f ? (float)s : beta * out[j] + (float)s;
+    }
+    return LORA_OK;
+}
+
+#define QG_K 1.702f
+
+static lora_status cpu_quick_gelu_f32(struct lora_backend_impl *be, int64_t n, const float *x, float *y) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float xi = x[i];
+        y[i] = xi * (1.0f / (1.0f + expf(-QG_K * xi)));
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_quick_gelu_backward_f32(struct lora_backend_impl *be, int64_t n, const float *x,
+                                               const float *dy, float *dx) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float xi = x[i], s = 1.0f / (1.0f + expf(-QG_K * xi));
+        dx[i] = dy[i] * (s + xi * QG_K * s * (1.0f - s));
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_layernorm_f32(struct lora_backend_impl *be, int64_t n, int64_t c, float eps,
+                                     const float *x, const float *gamma, const float *beta, float *y,
+                                     float *mean, float *rstd) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * c;
+        double s = 0.0;
+        for (int64_t j = 0; j < c; j++) s += xi[j];
+        double m = s / (double)c, v = 0.0;
+        for (int64_t j = 0; j < c; j++) {
+            double dlt = xi[j] - m;
+            v += dlt * dlt;
+        }
+        v /= (double)c;
+        float mf = (float)m, rs = (float)(1.0 / sqrt(v + (double)eps));
+        float *yi = y + i * c;
+        for (int64_t j = 0; j < c; j++) {
+            float nrm = (xi[j] - mf) * rs;
+            yi[j] = nrm * (gamma ? gamma[j] : 1.0f) + (beta ? beta[j] : 0.0f);
+        }
+        mean[i] = mf;
+        rstd[i] = rs;
+    }
+    return LORA_OK;
+}
+
+#define LN_COL_BLOCK 64   /* columns per task of the parameter-gradient pass */
+
+static lora_status cpu_layernorm_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t c,
+                                              const float *dy, const float *x, const float *mean,
+                                              const float *rstd, const float *gamma, float *dx,
+                                              float *d_gamma, float *d_beta, int accumulate) {
+    int nt = lora_threads(be->ctx);
+    if (dx) {
+        /* with xh = (x - mean) rstd and g = dy * gamma:
+         * dx = rstd * (g - mean(g) - xh * mean(g * xh)) */
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const float *xi = x + i * c, *gi = dy + i * c;
+            float m = mean[i], rs = rstd[i];
+            double sg = 0.0, sgx = 0.0;
+            for (int64_t j = 0; j < c; j++) {
+                float g = gi[j] * (gamma ? gamma[j] : 1.0f);
+                sg += g;
+                sgx += (double)g * ((xi[j] - m) * rs);
+            }
+            float mg = (float)(sg / (double)c), mgx = (float)(sgx / (double)c);
+            float *di = dx + i * c;
+            for (int64_t j = 0; j < c; j++) {
+                float g = gi[j] * (gamma ? gamma[j] : 1.0f);
+                float v = rs * (g - mg - (xi[j] - m) * rs * mgx);
+                di[j] = accumulate ? di[j] + v : v;
+            }
+        }
+    }
+    if (d_gamma || d_beta) {
+        int64_t nblk = (c + LN_COL_BLOCK - 1) / LN_COL_BLOCK;
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+        for (int64_t bk = 0; bk < nblk; bk++) {
+            int64_t j0 = bk * LN_COL_BLOCK, j1 = j0 + LN_COL_BLOCK < c ? j0 + LN_COL_BLOCK : c;
+            for (int64_t i = 0; i < n; i++) {
+                const float *xi = x + i * c, *gi = dy + i * c;
+                float m = mean[i], rs = rstd[i];
+                for (int64_t j = j0; j < j1; j++) {
+                    if (d_gamma) d_gamma[j] += gi[j] * ((xi[j] - m) * rs);
+                    if (d_beta) d_beta[j] += gi[j];
+                }
+            }
+        }
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_softmax_f32(struct lora_backend_impl *be, int64_t rows, int64_t t, int causal, float *x) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (rows * t > CPU_PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *s = x + r * t;
+        int64_t i = r % t, lim = causal ? i + 1 : t;
+        float mx = s[0];
+        for (int64_t j = 1; j < lim; j++) mx = s[j] > mx ? s[j] : mx;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < lim; j++) {
+            s[j] = expf(s[j] - mx);
+            sum += s[j];
+        }
+        float inv = 1.0f / sum;
+        for (int64_t j = 0; j < lim; j++) s[j] *= inv;
+        for (int64_t j = lim; j < t; j++) s[j] = 0.0f;
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_softmax_backward_f32(struct lora_backend_impl *be, int64_t rows, int64_t t,
+                                            const float *p, const float *dy, float *dx) {
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (rows * t > CPU_PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *pr = p + r * t, *gr = dy + r * t;
+        float *dr = dx + r * t;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < t; j++) dot += pr[j] * gr[j];
+        for (int64_t j = 0; j < t; j++) dr[j] = pr[j] * (gr[j] - dot);
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_embedding_f32(struct lora_backend_impl *be, int64_t n, int64_t c, const int32_t *ids,
+                                     const float *table, const float *pos, int64_t positions,
+                                     int64_t vocab, float *y, int64_t *bad_row, int32_t *bad_id) {
+    *bad_row = -1;
+    *bad_id = 0;
+    for (int64_t i = 0; i < n; i++)   /* validate before touching any row */
+        if (ids[i] < 0 || ids[i] >= vocab) {
+            *bad_row = i;
+            *bad_id = ids[i];
+            return LORA_OK;
+        }
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * c > CPU_PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *e = table + (int64_t)ids[i] * c;
+        float *yi = y + i * c;
+        if (pos) {
+            const float *p = pos + (i % positions) * c;
+            for (int64_t j = 0; j < c; j++) yi[j] = e[j] + p[j];
+        } else {
+            memcpy(yi, e, (size_t)c * sizeof(float));
+        }
+    }
+    return LORA_OK;
+}
+
+static lora_status cpu_embedding_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t c,
+                                              const int32_t *ids, const float *dy, int64_t positions,
+                                              float *d_table, float *d_pos) {
+    (void)be;
+    /* serial: several rows may share an id (or a position) */
+    for (int64_t i = 0; i < n; i++) {
+        const float *g = dy + i * c;
+        if (d_table) {
+            float *d = d_table + (int64_t)ids[i] * c;
+            for (int64_t j = 0; j < c; j++) d[j] += g[j];
+        }
+        if (d_pos) {
+            float *d = d_pos + (i % positions) * c;
+            for (int64_t j = 0; j < c; j++) d[j] += g[j];
+        }
+    }
+    return LORA_OK;
+}
+
 static void cpu_free(struct lora_backend_impl *be) {
     lora_free(NULL, be);   /* allocated without the context's hooks, see create */
 }
@@ -236,6 +456,19 @@ static const struct lora_backend_iface cpu_iface = {
     .convert = cpu_convert,
     .im2col_f32 = cpu_im2col_f32,
     .memory = NULL,
+    .copy = cpu_copy,
+    .fill_f32 = cpu_fill_f32,
+    .scale_f32 = cpu_scale_f32,
+    .add_rows_f32 = cpu_add_rows_f32,
+    .col_sum_f32 = cpu_col_sum_f32,
+    .quick_gelu_f32 = cpu_quick_gelu_f32,
+    .quick_gelu_backward_f32 = cpu_quick_gelu_backward_f32,
+    .layernorm_f32 = cpu_layernorm_f32,
+    .layernorm_backward_f32 = cpu_layernorm_backward_f32,
+    .softmax_f32 = cpu_softmax_f32,
+    .softmax_backward_f32 = cpu_softmax_backward_f32,
+    .embedding_f32 = cpu_embedding_f32,
+    .embedding_backward_f32 = cpu_embedding_backward_f32,
 };
 
 lora_status lora_backend_cpu_create(lora_ctx *ctx, struct lora_backend_impl **out) {

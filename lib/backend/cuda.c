@@ -25,6 +25,7 @@ struct cuda_state {
     cublasHandle_t blas;
     cublasLtHandle_t lt;
     void *lt_workspace;        /* cuBLASLt scratch, from the pool */
+    uint64_t *flag;            /* device word kernels report through (embedding id check) */
     cudaMemPool_t pool;
     int poisoned;
 };
@@ -273,6 +274,89 @@ static lora_status cuda_im2col_f32(struct lora_backend_impl *be, const float *x,
     LAUNCH(be, lk_im2col_f32(stream_of(be), x, c, h, w, kh, kw, stride, pad, cols), "im2col");
 }
 
+/* ---- layer-op primitives (lib/nn) ---------------------------------------------------- */
+static lora_status cuda_copy(struct lora_backend_impl *be, void *dst, const void *src, size_t bytes) {
+    CUDA_ALIVE(be);
+    if (!bytes || dst == src) return LORA_OK;
+    return cuda_check(be, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_of(be)), "copy");
+}
+static lora_status cuda_fill_f32(struct lora_backend_impl *be, int64_t n, float value, float *x) {
+    LAUNCH(be, lk_fill_f32(stream_of(be), n, value, x), "fill");
+}
+static lora_status cuda_scale_f32(struct lora_backend_impl *be, int64_t n, float alpha, float *x) {
+    LAUNCH(be, lk_scale_f32(stream_of(be), n, alpha, x), "scale");
+}
+static lora_status cuda_add_rows_f32(struct lora_backend_impl *be, int64_t n, int64_t c, const float *row,
+                                     float beta, float *y) {
+    LAUNCH(be, lk_add_rows_f32(stream_of(be), n, c, row, beta, y), "add rows");
+}
+static lora_status cuda_col_sum_f32(struct lora_backend_impl *be, int64_t n, int64_t c, const float *x,
+                                    float beta, float *out) {
+    LAUNCH(be, lk_col_sum_f32(stream_of(be), n, c, x, beta, out), "column sum");
+}
+static lora_status cuda_quick_gelu_f32(struct lora_backend_impl *be, int64_t n, const float *x, float *y) {
+    LAUNCH(be, lk_quick_gelu_f32(stream_of(be), n, x, y), "quick_gelu");
+}
+static lora_status cuda_quick_gelu_backward_f32(struct lora_backend_impl *be, int64_t n, const float *x,
+                                                const float *dy, float *dx) {
+    LAUNCH(be, lk_quick_gelu_backward_f32(stream_of(be), n, x, dy, dx), "quick_gelu backward");
+}
+static lora_status cuda_layernorm_f32(struct lora_backend_impl *be, int64_t n, int64_t c, float eps,
+                                      const float *x, const float *gamma, const float *beta, float *y,
+                                      float *mean, float *rstd) {
+    LAUNCH(be, lk_layernorm_f32(stream_of(be), n, c, eps, x, gamma, beta, y, mean, rstd), "layernorm");
+}
+static lora_status cuda_layernorm_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t c,
+                                               const float *dy, const float *x, const float *mean,
+                                               const float *rstd, const float *gamma, float *dx,
+                                               float *d_gamma, float *d_beta, int accumulate) {
+    LAUNCH(be, lk_layernorm_backward_f32(stream_of(be), n, c, dy, x, mean, rstd, gamma, dx, d_gamma, d_beta,
+                                         accumulate),
+           "layernorm backward");
+}
+static lora_status cuda_softmax_f32(struct lora_backend_impl *be, int64_t rows, int64_t t, int causal, float *x) {
+    LAUNCH(be, lk_softmax_f32(stream_of(be), rows, t, causal, x), "softmax");
+}
+static lora_status cuda_softmax_backward_f32(struct lora_backend_impl *be, int64_t rows, int64_t t,
+                                             const float *p, const float *dy, float *dx) {
+    LAUNCH(be, lk_softmax_backward_f32(stream_of(be), rows, t, p, dy, dx), "softmax backward");
+}
+
+/* The kernel min-reduces the first bad row into st->flag; reading it back synchronises. */
+static lora_status cuda_embedding_f32(struct lora_backend_impl *be, int64_t n, int64_t c, const int32_t *ids,
+                                      const float *table, const float *pos, int64_t positions,
+                                      int64_t vocab, float *y, int64_t *bad_row, int32_t *bad_id) {
+    CUDA_ALIVE(be);
+    struct cuda_state *st = be->impl;
+    *bad_row = -1;
+    *bad_id = 0;
+    if (n <= 0) return LORA_OK;
+    LORA_TRY(cuda_check(be, (cudaError_t)lk_embedding_f32(st->stream, n, c, ids, table, pos, positions, vocab, y,
+                                                          st->flag), "embedding"));
+    uint64_t first = 0;
+    LORA_TRY(cuda_check(be, cudaMemcpyAsync(&first, st->flag, sizeof first, cudaMemcpyDeviceToHost, st->stream),
+                        "embedding check"));
+    LORA_TRY(cuda_check(be, cudaStreamSynchronize(st->stream), "embedding check sync"));
+    if (first == UINT64_MAX) return LORA_OK;
+    if (first >= (uint64_t)n)
+        return lora_fail(be->ctx, LORA_E_INTERNAL, "cuda embedding: check flag %llu is not a row",
+                         (unsigned long long)first);
+    int32_t id = 0;
+    LORA_TRY(cuda_check(be, cudaMemcpyAsync(&id, ids + first, sizeof id, cudaMemcpyDeviceToHost, st->stream),
+                        "embedding bad id"));
+    LORA_TRY(cuda_check(be, cudaStreamSynchronize(st->stream), "embedding bad id sync"));
+    *bad_row = (int64_t)first;
+    *bad_id = id;
+    return LORA_OK;
+}
+
+static lora_status cuda_embedding_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t c,
+                                               const int32_t *ids, const float *dy, int64_t positions,
+                                               float *d_table, float *d_pos) {
+    LAUNCH(be, lk_embedding_backward_f32(stream_of(be), n, c, ids, dy, positions, d_table, d_pos),
+           "embedding backward");
+}
+
 static void cuda_memory(struct lora_backend_impl *be, uint64_t *used, uint64_t *avail) {
     struct cuda_state *st = be->impl;
     uint64_t cur = 0;
@@ -289,7 +373,8 @@ static void cuda_free(struct lora_backend_impl *be) {
     if (st) {
         if (!st->poisoned) cudaStreamSynchronize(st->stream);
         if (st->lt_workspace && !st->poisoned) cudaFreeAsync(st->lt_workspace, st->stream);
-        if (st->lt_workspace && !st->poisoned) cudaStreamSynchronize(st->stream);
+        if (st->flag && !st->poisoned) cudaFreeAsync(st->flag, st->stream);
+        if ((st->lt_workspace || st->flag) && !st->poisoned) cudaStreamSynchronize(st->stream);
         if (st->lt) cublasLtDestroy(st->lt);
         if (st->blas) cublasDestroy(st->blas);
         if (st->pool) cudaMemPoolDestroy(st->pool);
@@ -321,6 +406,19 @@ static const struct lora_backend_iface cuda_iface = {
     .convert = cuda_convert,
     .im2col_f32 = cuda_im2col_f32,
     .memory = cuda_memory,
+    .copy = cuda_copy,
+    .fill_f32 = cuda_fill_f32,
+    .scale_f32 = cuda_scale_f32,
+    .add_rows_f32 = cuda_add_rows_f32,
+    .col_sum_f32 = cuda_col_sum_f32,
+    .quick_gelu_f32 = cuda_quick_gelu_f32,
+    .quick_gelu_backward_f32 = cuda_quick_gelu_backward_f32,
+    .layernorm_f32 = cuda_layernorm_f32,
+    .layernorm_backward_f32 = cuda_layernorm_backward_f32,
+    .softmax_f32 = cuda_softmax_f32,
+    .softmax_backward_f32 = cuda_softmax_backward_f32,
+    .embedding_f32 = cuda_embedding_f32,
+    .embedding_backward_f32 = cuda_embedding_backward_f32,
 };
 
 lora_status lora_backend_cuda_create(lora_ctx *ctx, int32_t device, struct lora_backend_impl **out) {
@@ -364,6 +462,9 @@ lora_status lora_backend_cuda_create(lora_ctx *ctx, int32_t device, struct lora_
     if (s == LORA_OK)
         s = cuda_check(be, cudaMallocFromPoolAsync(&st->lt_workspace, LT_WORKSPACE_BYTES, st->pool, st->stream),
                        "lt workspace");
+    if (s == LORA_OK)
+        s = cuda_check(be, cudaMallocFromPoolAsync((void **)&st->flag, sizeof *st->flag, st->pool, st->stream),
+                       "flag word");
     if (s == LORA_OK) s = blas_check(be, cublasSetStream(st->blas, st->stream), "set stream");
     /* fp32 means fp32: no silent TF32 (parity with the CPU backend). */
     if (s == LORA_OK) s = blas_check(be, cublasSetMathMode(st->blas, CUBLAS_PEDANTIC_MATH), "math mode");

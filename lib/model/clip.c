@@ -43,7 +43,13 @@ static int64_t mul3(int64_t a, int64_t b, int64_t c) {
 
 /* ---- weights ------------------------------------------------------------------------------ */
 
-static lora_status load_tensor(struct lora_backend_impl *be, const struct tensor_map *te,
+/* Device-side staging for fp16/bf16 tensors: uploaded as stored, widened by the backend. */
+struct stage {
+    void *buf;
+    size_t cap;
+};
+
+static lora_status load_tensor(struct lora_backend_impl *be, struct stage *sg, const struct tensor_map *te,
                                const char *name, int32_t ndim, int64_t d0, int64_t d1, float *dst) {
     int64_t i = tmap_find(te, name);
     if (i < 0) return lora_fail(be->ctx, LORA_E_NOT_FOUND, "text encoder: tensor %s is missing", name);
@@ -57,22 +63,33 @@ static lora_status load_tensor(struct lora_backend_impl *be, const struct tensor
                          t->ndim > 0 ? (long long)t->shape[0] : -1LL, t->ndim > 1 ? ", " : "",
                          t->ndim > 1 ? (long long)t->shape[1] : 0LL, (long long)d0,
                          ndim == 2 ? ", " : "", ndim == 2 ? (long long)d1 : 0LL);
-    return be->iface->convert(be, ndim == 2 ? d0 * d1 : d0, t->dtype, t->data, LORA_DTYPE_F32, dst);
+    int64_t count = ndim == 2 ? d0 * d1 : d0;   /* both bounded by clip_init's config limits */
+    if (t->dtype == LORA_DTYPE_F32) return be->iface->upload(be, dst, t->data, (size_t)count * 4);
+    size_t bytes = (size_t)count * 2;
+    if (bytes > sg->cap) {
+        if (sg->buf) be->iface->buf_free(be, sg->buf);
+        sg->buf = NULL;
+        sg->cap = 0;
+        LORA_TRY(be->iface->buf_alloc(be, bytes, &sg->buf));
+        sg->cap = bytes;
+    }
+    LORA_TRY(be->iface->upload(be, sg->buf, t->data, bytes));
+    return be->iface->convert(be, count, t->dtype, sg->buf, LORA_DTYPE_F32, dst);
 }
 
-static lora_status load_pair(struct lora_backend_impl *be, const struct tensor_map *te,
+static lora_status load_pair(struct lora_backend_impl *be, struct stage *sg, const struct tensor_map *te,
                              const char *prefix, int64_t out, int64_t in, float *w, float *b) {
     char name[256];
     snprintf(name, sizeof name, "%s.weight", prefix);
-    LORA_TRY(load_tensor(be, te, name, in ? 2 : 1, out, in, w));
+    LORA_TRY(load_tensor(be, sg, te, name, in ? 2 : 1, out, in, w));
     snprintf(name, sizeof name, "%s.bias", prefix);
-    return load_tensor(be, te, name, 1, out, 0, b);
+    return load_tensor(be, sg, te, name, 1, out, 0, b);
 }
 
 void clip_free(struct clip_model *m) {
     if (!m) return;
     lora_ctx *ctx = m->be ? m->be->ctx : NULL;
-    lora_free(ctx, m->weights);
+    if (m->weights && m->be) m->be->iface->buf_free(m->be, m->weights);
     lora_free(ctx, m->layer);
     memset(m, 0, sizeof *m);
 }
@@ -81,10 +98,12 @@ lora_status clip_init(struct clip_model *m, struct lora_backend_impl *be,
                       const struct tensor_map *te, const struct sd_config *cfg) {
     memset(m, 0, sizeof *m);
     if (!be || !te || !cfg) return LORA_E_INVALID_ARG;
-    if (strcmp(be->iface->name, "cpu") != 0)
+    const struct lora_backend_iface *fi = be->iface;
+    if (!fi->copy || !fi->add_rows_f32 || !fi->layernorm_f32 || !fi->layernorm_backward_f32 ||
+        !fi->softmax_f32 || !fi->softmax_backward_f32 || !fi->quick_gelu_f32 ||
+        !fi->quick_gelu_backward_f32 || !fi->embedding_f32 || !fi->col_sum_f32)
         return lora_fail(be->ctx, LORA_E_UNSUPPORTED,
-                         "text encoder: runs on host buffers; the %s backend is not supported yet",
-                         be->iface->name);
+                         "text encoder: the %s backend lacks the layer ops the encoder needs", fi->name);
     int64_t L = cfg->te_layers, C = cfg->te_hidden, H = cfg->te_heads, I = cfg->te_intermediate;
     int64_t P = cfg->te_max_positions, V = cfg->te_vocab;
     if (L <= 0 || C <= 0 || H <= 0 || C % H != 0 || I <= 0 || P <= 0 || V <= 0 || L > 1024 ||
@@ -100,17 +119,19 @@ lora_status clip_init(struct clip_model *m, struct lora_backend_impl *be,
     m->layer = lora_calloc(be->ctx, (size_t)L, sizeof *m->layer);
     if (!m->layer) return LORA_E_NOMEM;
 
-    /* pass 1 sizes the block, pass 2 carves it and loads each tensor into its place */
+    /* pass 1 sizes the block, pass 2 carves it (a backend buffer) and uploads each tensor
+     * into its place */
     lora_status s = LORA_OK;
+    struct stage sg = {NULL, 0};
     for (int pass = 0; pass < 2 && s == LORA_OK; pass++) {
         struct carver cv = {pass ? (char *)m->weights : NULL, 0, 0};
         float *tok = carve(&cv, V * C, 4), *pos = carve(&cv, P * C, 4);
         float *fg = carve(&cv, C, 4), *fb = carve(&cv, C, 4);
         if (pass) {
-            s = load_tensor(be, te, "text_model.embeddings.token_embedding.weight", 2, V, C, tok);
+            s = load_tensor(be, &sg, te, "text_model.embeddings.token_embedding.weight", 2, V, C, tok);
             if (s == LORA_OK)
-                s = load_tensor(be, te, "text_model.embeddings.position_embedding.weight", 2, P, C, pos);
-            if (s == LORA_OK) s = load_pair(be, te, "text_model.final_layer_norm", C, 0, fg, fb);
+                s = load_tensor(be, &sg, te, "text_model.embeddings.position_embedding.weight", 2, P, C, pos);
+            if (s == LORA_OK) s = load_pair(be, &sg, te, "text_model.final_layer_norm", C, 0, fg, fb);
             m->tok_emb = tok; m->pos_emb = pos; m->fln_g = fg; m->fln_b = fb;
         }
         for (int64_t l = 0; l < L && s == LORA_OK; l++) {
@@ -126,13 +147,13 @@ lora_status clip_init(struct clip_model *m, struct lora_backend_impl *be,
             if (!pass) continue;
             char pre[160];
             snprintf(pre, sizeof pre, "text_model.encoder.layers.%lld.layer_norm1", (long long)l);
-            s = load_pair(be, te, pre, C, 0, g1, b1);
+            s = load_pair(be, &sg, te, pre, C, 0, g1, b1);
             snprintf(pre, sizeof pre, "text_model.encoder.layers.%lld.layer_norm2", (long long)l);
-            if (s == LORA_OK) s = load_pair(be, te, pre, C, 0, g2, b2);
+            if (s == LORA_OK) s = load_pair(be, &sg, te, pre, C, 0, g2, b2);
             for (int k = 0; k < CLIP_N_SLOTS && s == LORA_OK; k++) {
                 int64_t out = k == CLIP_FC1 ? I : C, in = k == CLIP_FC2 ? I : C;
                 snprintf(pre, sizeof pre, "text_model.encoder.layers.%lld.%s", (long long)l, slot_names[k]);
-                s = load_pair(be, te, pre, out, in, w[k], b[k]);
+                s = load_pair(be, &sg, te, pre, out, in, w[k], b[k]);
                 ly->w[k] = w[k];
                 ly->b[k] = b[k];
             }
@@ -143,30 +164,35 @@ lora_status clip_init(struct clip_model *m, struct lora_backend_impl *be,
                 s = lora_fail(be->ctx, LORA_E_LIMIT, "text encoder: weight size overflows");
                 break;
             }
-            m->weights = lora_malloc(be->ctx, (size_t)cv.off);
-            if (!m->weights) s = LORA_E_NOMEM;
+            void *w = NULL;
+            s = be->iface->buf_alloc(be, (size_t)cv.off, &w);
+            m->weights = w;
         }
     }
+    if (sg.buf) be->iface->buf_free(be, sg.buf);
     if (s != LORA_OK) clip_free(m);
     return s;
 }
 
 /* ---- activation plan -------------------------------------------------------------------------- */
 
-/* Lays the plan out in `base` (NULL: sizing only); returns the byte count or 0 on overflow. */
+/* Lays the plan out: backend buffers in `base`, the host part (the per-layer pointer table
+ * and the host copy of the ids) in `host` (both NULL: sizing only). Returns the backend byte
+ * count or 0 on overflow; *host_bytes gets the host byte count. */
 static uint64_t plan_layout(struct clip_plan *p, const struct clip_model *m, int64_t B, int64_t T,
-                            int64_t R, int train, char *base) {
-    struct carver cv = {base, 0, 0};
+                            int64_t R, int train, char *base, char *host, uint64_t *host_bytes) {
+    struct carver cv = {base, 0, 0}, hv = {host, 0, 0};
     int64_t n = B * T, C = m->hidden, I = m->inter, L = m->layers, H = m->heads;
     int64_t nc = mul3(B, T, C), ni = mul3(B, T, I), nr = mul3(B, T, R), nacts = train ? L : 1;
     p->ids = carve(&cv, n, 4);
+    p->ids_host = carve(&hv, n, 4);
     p->hidden = carve(&cv, mul3(L + 1, n, C), 4);
     p->out = carve(&cv, nc, 4);
     p->out_mean = carve(&cv, n, 4);
     p->out_rstd = carve(&cv, n, 4);
     p->pooled = carve(&cv, mul3(B, C, 1), 4);
     p->tmp = carve(&cv, nc, 4);
-    p->act = carve(&cv, nacts, sizeof(struct clip_act));
+    p->act = carve(&hv, nacts, sizeof(struct clip_act));
     for (int64_t l = 0; l < nacts; l++) {
         struct clip_act a;
         a.ln1 = carve(&cv, nc, 4);
@@ -182,7 +208,7 @@ static uint64_t plan_layout(struct clip_plan *p, const struct clip_model *m, int
         a.f = carve(&cv, ni, 4);
         a.g = carve(&cv, ni, 4);
         for (int k = 0; k < CLIP_N_SLOTS; k++) a.lora_h[k] = R ? carve(&cv, nr, 4) : NULL;
-        if (base) p->act[l] = a;
+        if (host) p->act[l] = a;
     }
     if (train) {
         p->d_embed = carve(&cv, nc, 4);
@@ -190,13 +216,17 @@ static uint64_t plan_layout(struct clip_plan *p, const struct clip_model *m, int
         p->da = carve(&cv, nc, 4);
         for (int k = 0; k < 3; k++) p->dqkv[k] = carve(&cv, nc, 4);
         p->dg = carve(&cv, ni, 4);
-        p->dscratch = carve(&cv, T * T, 4);
+        /* every head of a sequence at once: the backward's batched GEMMs */
+        p->dscratch_floats = mul3(H, T, T);
+        p->dscratch = carve(&cv, p->dscratch_floats, 4);
         p->dh = R ? carve(&cv, nr, 4) : NULL;
     } else {
         p->d_embed = p->dln = p->da = p->dg = p->dscratch = p->dh = NULL;
         p->dqkv[0] = p->dqkv[1] = p->dqkv[2] = NULL;
+        p->dscratch_floats = 0;
     }
-    return cv.overflow ? 0 : cv.off;
+    *host_bytes = hv.off;
+    return cv.overflow || hv.overflow ? 0 : cv.off;
 }
 
 static int plan_args_ok(const struct clip_model *m, int64_t B, int64_t T, int64_t R) {
@@ -207,13 +237,17 @@ static int plan_args_ok(const struct clip_model *m, int64_t B, int64_t T, int64_
 uint64_t clip_plan_bytes(const struct clip_model *m, int64_t batch, int64_t tokens,
                          int64_t max_rank, int train) {
     struct clip_plan p;
+    uint64_t host = 0;
     if (!plan_args_ok(m, batch, tokens, max_rank)) return 0;
-    return plan_layout(&p, m, batch, tokens, max_rank, train, NULL);
+    return plan_layout(&p, m, batch, tokens, max_rank, train, NULL, NULL, &host);
 }
 
 void clip_plan_free(struct clip_plan *p) {
     if (!p) return;
-    if (p->m && p->m->be) lora_free(p->m->be->ctx, p->mem);
+    if (p->m && p->m->be) {
+        if (p->mem) p->m->be->iface->buf_free(p->m->be, p->mem);
+        lora_free(p->m->be->ctx, p->host_mem);
+    }
     memset(p, 0, sizeof *p);
 }
 
@@ -226,12 +260,27 @@ lora_status clip_plan_init(struct clip_plan *p, const struct clip_model *m, int6
         return lora_fail(ctx, LORA_E_INVALID_ARG,
                          "text encoder plan: batch %lld, %lld tokens (at most %lld), rank %lld are invalid",
                          (long long)batch, (long long)tokens, (long long)m->positions, (long long)max_rank);
-    uint64_t bytes = plan_layout(p, m, batch, tokens, max_rank, train != 0, NULL);
-    if (!bytes || bytes > SIZE_MAX)
+    uint64_t host_bytes = 0;
+    uint64_t bytes = plan_layout(p, m, batch, tokens, max_rank, train != 0, NULL, NULL, &host_bytes);
+    if (!bytes || bytes > SIZE_MAX || host_bytes > SIZE_MAX) {
+        memset(p, 0, sizeof *p);
         return lora_fail(ctx, LORA_E_LIMIT, "text encoder plan: size overflows");
-    p->mem = lora_malloc(ctx, (size_t)bytes);
-    if (!p->mem) return LORA_E_NOMEM;
-    plan_layout(p, m, batch, tokens, max_rank, train != 0, p->mem);
+    }
+    void *mem = NULL;
+    lora_status s = m->be->iface->buf_alloc(m->be, (size_t)bytes, &mem);
+    if (s != LORA_OK) {
+        memset(p, 0, sizeof *p);
+        return s;
+    }
+    void *host = lora_malloc(ctx, (size_t)host_bytes);
+    if (!host) {
+        m->be->iface->buf_free(m->be, mem);
+        memset(p, 0, sizeof *p);
+        return LORA_E_NOMEM;
+    }
+    plan_layout(p, m, batch, tokens, max_rank, train != 0, mem, host, &host_bytes);
+    p->mem = mem;
+    p->host_mem = host;
     p->m = m;
     p->batch = batch;
     p->tokens = tokens;
@@ -303,7 +352,8 @@ lora_status clip_forward(struct clip_plan *p, const int32_t *ids,
     LORA_TRY(check_adapters(p, lora));
     int64_t run = clip_skip <= 1 ? m->layers : m->layers + 1 - clip_skip;
 
-    memcpy(p->ids, ids, (size_t)n * sizeof *ids);
+    memcpy(p->ids_host, ids, (size_t)n * sizeof *ids);
+    LORA_TRY(be->iface->upload(be, p->ids, ids, (size_t)n * sizeof *ids));
     LORA_TRY(nn_embedding_forward(be, p->hidden, p->ids, m->tok_emb, m->pos_emb, n, p->tokens,
                                   m->vocab, C));
     for (int64_t l = 0; l < run; l++) {
@@ -320,7 +370,7 @@ lora_status clip_forward(struct clip_plan *p, const int32_t *ids,
         LORA_TRY(nn_attention_forward(be, a->att, a->probs, a->qkv[0], a->qkv[1], a->qkv[2],
                                       p->batch, p->tokens, m->heads, C / m->heads, 1));
         LORA_TRY(proj_forward(p, ly, a, adapter(lora, l, CLIP_OUT), CLIP_OUT, p->tmp, a->att));
-        memcpy(a->x2, x, (size_t)nc * sizeof(float));
+        LORA_TRY(be->iface->copy(be, a->x2, x, (size_t)nc * sizeof(float)));
         LORA_TRY(nn_residual_add(be, a->x2, p->tmp, nc));
         /* MLP block */
         LORA_TRY(nn_layernorm_forward(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->x2, ly->ln2_g,
@@ -329,18 +379,19 @@ lora_status clip_forward(struct clip_plan *p, const int32_t *ids,
         if (m->gelu) LORA_TRY(nn_gelu_forward(be, a->g, a->f, n * I));
         else LORA_TRY(nn_quick_gelu_forward(be, a->g, a->f, n * I));
         LORA_TRY(proj_forward(p, ly, a, adapter(lora, l, CLIP_FC2), CLIP_FC2, p->tmp, a->g));
-        memcpy(y, a->x2, (size_t)nc * sizeof(float));
+        LORA_TRY(be->iface->copy(be, y, a->x2, (size_t)nc * sizeof(float)));
         LORA_TRY(nn_residual_add(be, y, p->tmp, nc));
     }
     LORA_TRY(nn_layernorm_forward(be, p->out, p->out_mean, p->out_rstd, p->hidden + run * nc,
                                   m->fln_g, m->fln_b, n, C, m->eps));
     /* pooled: the first position holding the largest id (transformers' argmax, = EOS) */
     for (int64_t b = 0; b < p->batch; b++) {
-        const int32_t *row = p->ids + b * p->tokens;
+        const int32_t *row = p->ids_host + b * p->tokens;
         int64_t best = 0;
         for (int64_t t = 1; t < p->tokens; t++)
             if (row[t] > row[best]) best = t;
-        memcpy(p->pooled + b * C, p->out + (b * p->tokens + best) * C, (size_t)C * sizeof(float));
+        LORA_TRY(be->iface->copy(be, p->pooled + b * C, p->out + (b * p->tokens + best) * C,
+                                 (size_t)C * sizeof(float)));
     }
     p->layers_run = run;
     return LORA_OK;
@@ -373,14 +424,25 @@ lora_status clip_backward(struct clip_plan *p, const float *dout,
                                        ly->ln2_g, n, C, 1));
         /* attention block: x2 = x + out_proj(attn(q, k, v of ln1(x))) */
         LORA_TRY(proj_backward(p, ly, a, adapter(lora, l, CLIP_OUT), CLIP_OUT, p->da, dres, a->att, 0));
-        LORA_TRY(nn_attention_backward(be, p->dqkv[0], p->dqkv[1], p->dqkv[2], p->dscratch, p->da,
-                                       a->probs, a->qkv[0], a->qkv[1], a->qkv[2], p->batch,
-                                       p->tokens, m->heads, C / m->heads));
+        LORA_TRY(nn_attention_backward_ex(be, p->dqkv[0], p->dqkv[1], p->dqkv[2], p->dscratch,
+                                          p->dscratch_floats, p->da, a->probs, a->qkv[0], a->qkv[1],
+                                          a->qkv[2], p->batch, p->tokens, m->heads, C / m->heads));
         for (int k = CLIP_Q; k <= CLIP_V; k++)
             LORA_TRY(proj_backward(p, ly, a, adapter(lora, l, k), k, p->dln, p->dqkv[k], a->ln1, k != CLIP_Q));
         LORA_TRY(nn_layernorm_backward(be, dres, NULL, NULL, p->dln, p->hidden + l * nc, a->ln1_mean,
                                        a->ln1_rstd, ly->ln1_g, n, C, 1));
     }
+    return LORA_OK;
+}
+
+lora_status clip_download_output(const struct clip_plan *p, float *out, float *pooled) {
+    if (!p || !p->m || !p->m->be) return LORA_E_INVALID_ARG;
+    struct lora_backend_impl *be = p->m->be;
+    if (p->layers_run < 0)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "text encoder: no completed forward to read");
+    size_t row = (size_t)p->m->hidden * sizeof(float);
+    if (out) LORA_TRY(be->iface->download(be, out, p->out, (size_t)p->n * row));
+    if (pooled) LORA_TRY(be->iface->download(be, pooled, p->pooled, (size_t)p->batch * row));
     return LORA_OK;
 }
 

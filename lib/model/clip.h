@@ -8,12 +8,18 @@
  * self_attn.{q,k,v,out}_proj and mlp.{fc1,fc2} of every layer; the base weights are frozen.
  *
  * Use:
- *   clip_init(&m, be, &sd->te, &sd->cfg)          weights -> fp32, one allocation
+ *   clip_init(&m, be, &sd->te, &sd->cfg)          weights -> fp32, one backend buffer
  *   clip_plan_init(&p, &m, batch, tokens, rank, 1)  activations for one (batch, tokens), once
  *   clip_forward(&p, ids, lora, clip_skip)          p.out, p.pooled, p.hidden[k]
  *   clip_backward(&p, dout, lora)                   LoRA gradients (+=), p.d_embed
- * Host fp32 buffers: the backend must be one whose buffers are host memory (the CPU backend);
- * GEMMs go through its vtable. A plan is used by one thread at a time. */
+ *   clip_download_output(&p, out, pooled)           p.out / p.pooled into host memory
+ * Backend buffers: weights, activations (p.hidden, p.out, p.pooled, p.d_embed, ...), the
+ * adapters' down/up/d_down/d_up and clip_backward's dout are buffers of the model's backend:
+ * host memory on the CPU backend (read them directly), device memory on the CUDA backend
+ * (read them with clip_download_output or be->iface->download; work is queued on the
+ * backend's stream and the download waits for it). Token ids are host arrays on every
+ * backend. Every op goes through the backend vtable (lib/nn), so the CPU and CUDA backends
+ * run the same graph. A plan is used by one thread at a time. */
 #ifndef LORA_MODEL_CLIP_H
 #define LORA_MODEL_CLIP_H
 
@@ -39,7 +45,7 @@ struct clip_model {
     int64_t layers, hidden, heads, inter, positions, vocab;
     int gelu;                       /* 1: exact gelu (v2); 0: quick_gelu (v1) */
     float eps;                      /* LayerNorm eps, 1e-5 */
-    float *weights;                 /* the one allocation everything below points into */
+    float *weights;                 /* the one backend buffer everything below points into */
     const float *tok_emb;           /* [vocab, hidden] */
     const float *pos_emb;           /* [positions, hidden] */
     const float *fln_g, *fln_b;     /* final_layer_norm */
@@ -72,8 +78,10 @@ struct clip_plan {
     int64_t max_rank;               /* largest adapter rank the plan takes */
     int train;                      /* 1: per-layer activations kept and backward buffers */
     int64_t layers_run;             /* set by clip_forward: layers evaluated */
-    void *mem;                      /* the one allocation */
-    int32_t *ids;                   /* [n] copy of the last forward's ids */
+    void *mem;                      /* the one backend buffer of everything below but act, ids_host */
+    void *host_mem;                 /* host memory of act and ids_host */
+    int32_t *ids;                   /* [n] backend copy of the last forward's ids */
+    int32_t *ids_host;              /* [n] host copy (the pooled position is found on the host) */
     float *hidden;                  /* hidden_states[k] = hidden + k*n*hidden, k = 0..layers */
     float *out;                     /* [n, hidden] final_layer_norm(hidden_states[-clip_skip]) */
     float *out_mean, *out_rstd;
@@ -84,7 +92,8 @@ struct clip_plan {
     float *d_embed;                 /* [n, hidden]: d hidden_states[0] after clip_backward */
     float *dln, *da, *dqkv[3];      /* [n, hidden] */
     float *dg;                      /* [n, inter] */
-    float *dscratch;                /* [tokens, tokens] */
+    float *dscratch;                /* [heads, tokens, tokens] */
+    int64_t dscratch_floats;
     float *dh;                      /* [n, max_rank] */
 };
 
@@ -93,22 +102,26 @@ struct clip_plan {
 lora_status clip_plan_init(struct clip_plan *p, const struct clip_model *m, int64_t batch,
                            int64_t tokens, int64_t max_rank, int train);
 void clip_plan_free(struct clip_plan *p);
-/* Bytes clip_plan_init would allocate (0 when the sizes overflow). */
+/* Backend-buffer bytes clip_plan_init would allocate (0 when the sizes overflow); a small
+ * host part (the per-layer pointer table and a host copy of the ids) comes on top. */
 uint64_t clip_plan_bytes(const struct clip_model *m, int64_t batch, int64_t tokens,
                          int64_t max_rank, int train);
 
-/* ids [batch, tokens]. lora: NULL or [layers * CLIP_N_SLOTS] adapters indexed
+/* ids [batch, tokens] (host memory). lora: NULL or [layers * CLIP_N_SLOTS] adapters indexed
  * layer * CLIP_N_SLOTS + slot (NULL entries: none); each must match its layer's shape and
  * have rank <= max_rank. clip_skip (kohya): 0 or 1 = last layer; n >= 2 runs only the first
  * layers - n + 1 layers and normalises hidden_states[-n]; at most layers + 1.
  * p->pooled is taken from p->out (transformers' pooler_output when clip_skip <= 1). */
 lora_status clip_forward(struct clip_plan *p, const int32_t *ids,
                          const struct nn_lora *const *lora, int32_t clip_skip);
-/* Backward of the last clip_forward (same lora array) from dout = dL/d p->out [n, hidden]:
- * adapters' d_down/d_up += ; p->d_embed = dL/d hidden_states[0]. Needs train = 1. A pooled
- * gradient is a dout row at the pooled position. */
+/* Backward of the last clip_forward (same lora array) from dout = dL/d p->out [n, hidden]
+ * (a backend buffer): adapters' d_down/d_up += ; p->d_embed = dL/d hidden_states[0]. Needs
+ * train = 1. A pooled gradient is a dout row at the pooled position. */
 lora_status clip_backward(struct clip_plan *p, const float *dout,
                           const struct nn_lora *const *lora);
+/* Copies the last forward's p->out [n, hidden] into `out` and p->pooled [batch, hidden] into
+ * `pooled` (host memory; either may be NULL), waiting for the backend's queued work. */
+lora_status clip_download_output(const struct clip_plan *p, float *out, float *pooled);
 
 /* ---- kohya --max_token_length 150|225 (spec §4.5; train_util get_input_ids and
  * get_hidden_states) ----------------------------------------------------------------------
@@ -118,7 +131,8 @@ lora_status clip_backward(struct clip_plan *p, const float *dout,
  * PAD, chunk[-1] = EOS; if chunk[1] == PAD, chunk[1] = EOS. */
 lora_status clip_split_chunks(lora_ctx *ctx, int32_t *chunks, const int32_t *ids, int64_t batch,
                               int64_t n_chunks, int64_t chunk, int32_t eos_id, int32_t pad_id);
-/* Re-join: enc [batch * n_chunks, chunk, c] (sequence b*n_chunks + k is chunk k of prompt b)
+/* Host buffers (download an encoder's output first on a device backend).
+ * Re-join: enc [batch * n_chunks, chunk, c] (sequence b*n_chunks + k is chunk k of prompt b)
  * -> out [batch, n_chunks*(chunk-2) + 2, c]: position 0 of chunk 0, positions 1..chunk-2 of
  * every chunk, the last position of the last chunk. Inner BOS/EOS states are dropped. Same
  * for v1 and v2 (kohya's v2 fix-up compares against the EOS string and never fires). */

@@ -1,10 +1,13 @@
 /* Layer ops with explicit forward and backward (llm.c style), fp32, the CPU reference of every
  * layer the text encoder (and later the U-Net) is built from.
  *
- * Memory: every buffer is host fp32, C-contiguous, owned by the caller; no op allocates. Row
- * counts `n` are the flattened leading dimensions (batch * tokens). GEMMs go through the
- * backend vtable (be->iface->gemm_f32); everything else is a loop here, parallel over rows
- * with the context's thread count.
+ * Memory: every buffer (activations, weights, gradients, token ids, saved statistics) is an
+ * fp32 (ids: int32) buffer of the backend `be`, C-contiguous, owned by the caller: host memory
+ * on the CPU backend, device memory on the CUDA backend; no op allocates. Row counts `n` are
+ * the flattened leading dimensions (batch * tokens). Every op is backend calls only (GEMMs,
+ * batched GEMMs, and the layer-op primitives of lib/backend/backend.h), so one graph runs on
+ * either backend; on CUDA the ops are queued on the backend's stream and results are read
+ * with be->iface->download. Shapes are checked here, before anything is queued.
  *
  * Gradient convention (every *_backward here):
  *   - parameter gradients ACCUMULATE: dW, dB, d_gamma, d_beta, d_down, d_up, d_table get
@@ -85,6 +88,14 @@ lora_status nn_attention_backward(struct lora_backend_impl *be, float *dq, float
                                   float *scratch, const float *dout, const float *probs,
                                   const float *q, const float *k, const float *v, int64_t batch,
                                   int64_t t, int64_t heads, int64_t d);
+/* The same with the scratch size given: scratch_floats >= heads*t*t runs the heads of a
+ * sequence as batched GEMMs (fewer, larger launches on CUDA); >= t*t (the minimum) goes one
+ * head at a time. The same arithmetic either way. */
+lora_status nn_attention_backward_ex(struct lora_backend_impl *be, float *dq, float *dk, float *dv,
+                                     float *scratch, int64_t scratch_floats, const float *dout,
+                                     const float *probs, const float *q, const float *k,
+                                     const float *v, int64_t batch, int64_t t, int64_t heads,
+                                     int64_t d);
 
 /* ---- activations (elementwise; y may alias x, dx may alias dy) --------------------------- */
 
@@ -97,14 +108,15 @@ lora_status nn_gelu_forward(struct lora_backend_impl *be, float *y, const float 
 lora_status nn_gelu_backward(struct lora_backend_impl *be, float *dx, const float *dy,
                              const float *x, int64_t n);
 
-/* ---- residual add: y += x. Its backward is the identity on both branches: the gradient of
+/* ---- residual add: y += x (the backend's axpby). Its backward is the identity on both branches: the gradient of
  * the skip path is dy itself, so callers let the branch's backward accumulate into it. --- */
 lora_status nn_residual_add(struct lora_backend_impl *be, float *y, const float *x, int64_t n);
 
 /* ---- embedding lookup -------------------------------------------------------------------
  * y[n,c] = table[ids[i]] (+ pos[i % positions] when pos is given: the learned position
  * embedding of a [batch, positions] id layout). An id outside [0, vocab) ->
- * LORA_E_INVALID_ARG naming the row and id; y is then unspecified. */
+ * LORA_E_INVALID_ARG naming the row and id; y is then unspecified. ids is a backend buffer;
+ * on CUDA the check reads back a device flag, so this call synchronises the stream. */
 lora_status nn_embedding_forward(struct lora_backend_impl *be, float *y, const int32_t *ids,
                                  const float *table, const float *pos, int64_t n,
                                  int64_t positions, int64_t vocab, int64_t c);

@@ -169,6 +169,173 @@ int main(void) {
     CHECK_MSG(ev < 1e-4, "conv as gemm error %g", ev);
     CHECK_STATUS(be->iface->im2col_f32(be, img, C, H, W, 20, 3, 1, 0, cols), LORA_E_INVALID_ARG);
 
+    /* Layer-op primitives (lib/nn's loops) against double-precision formulas. */
+    {
+        enum { RN = 53, RC = 777 };   /* RN * RC above the threading threshold, odd widths */
+        float *m0 = malloc(RN * RC * 4), *m1 = malloc(RN * RC * 4), *m2 = malloc(RN * RC * 4);
+        float *row = malloc(RC * 4), *cs = malloc(RC * 4), *mu = malloc(RN * 4), *rs = malloc(RN * 4);
+        float *gam = malloc(RC * 4), *bet = malloc(RC * 4), *dg = malloc(RC * 4), *dbt = malloc(RC * 4);
+        fill(&g, m0, RN * RC);
+        fill(&g, row, RC);
+        fill(&g, gam, RC);
+        fill(&g, bet, RC);
+        /* copy, fill, scale */
+        CHECK_STATUS(be->iface->copy(be, m1, m0, RN * RC * 4), LORA_OK);
+        CHECK(memcmp(m1, m0, RN * RC * 4) == 0);
+        CHECK_STATUS(be->iface->fill_f32(be, RN * RC, -2.5f, m1), LORA_OK);
+        CHECK(m1[0] == -2.5f && m1[RN * RC - 1] == -2.5f);
+        CHECK_STATUS(be->iface->copy(be, m1, m0, RN * RC * 4), LORA_OK);
+        CHECK_STATUS(be->iface->scale_f32(be, RN * RC, 0.5f, m1), LORA_OK);
+        int ok = 1;
+        for (int i = 0; i < RN * RC; i++) ok &= m1[i] == 0.5f * m0[i];
+        CHECK(ok);
+        /* add_rows: beta 0 never reads y (NaN stays out), beta 0.5 scales it */
+        for (int i = 0; i < RN * RC; i++) m1[i] = NAN;
+        CHECK_STATUS(be->iface->add_rows_f32(be, RN, RC, row, 0.0f, m1), LORA_OK);
+        ok = 1;
+        for (int i = 0; i < RN * RC; i++) ok &= m1[i] == row[i % RC];
+        CHECK(ok);
+        memcpy(m1, m0, RN * RC * 4);
+        CHECK_STATUS(be->iface->add_rows_f32(be, RN, RC, row, 0.5f, m1), LORA_OK);
+        double er = 0;
+        for (int i = 0; i < RN * RC; i++) er = fmax(er, fabs(m1[i] - (row[i % RC] + 0.5 * m0[i])));
+        CHECK_MSG(er < 1e-6, "add_rows error %g", er);
+        /* col_sum: written (beta 0), then added (beta 1) */
+        CHECK_STATUS(be->iface->col_sum_f32(be, RN, RC, m0, 0.0f, cs), LORA_OK);
+        CHECK_STATUS(be->iface->col_sum_f32(be, RN, RC, m0, 1.0f, cs), LORA_OK);
+        er = 0;
+        for (int j = 0; j < RC; j++) {
+            double t = 0;
+            for (int i = 0; i < RN; i++) t += m0[i * RC + j];
+            er = fmax(er, fabs(cs[j] - 2 * t));
+        }
+        CHECK_MSG(er < 1e-4, "col_sum error %g", er);
+        /* quick_gelu against the closed form, backward against central differences */
+        double eq = 0;
+        CHECK_STATUS(be->iface->quick_gelu_f32(be, NE, x, y), LORA_OK);
+        for (int i = 0; i < NE; i++) eq = fmax(eq, fabs(y[i] - x[i] / (1.0 + exp(-1.702 * x[i]))));
+        CHECK_MSG(eq < 1e-5, "quick_gelu %g", eq);
+        CHECK_STATUS(be->iface->quick_gelu_backward_f32(be, NE, x, dy, dx), LORA_OK);
+        eq = 0;
+        for (int i = 0; i < 200; i++) {
+            double xd = x[i], hh = 1e-4;
+            double fp = (xd + hh) / (1.0 + exp(-1.702 * (xd + hh))), fm = (xd - hh) / (1.0 + exp(-1.702 * (xd - hh)));
+            double fd = dy[i] * (fp - fm) / (2 * hh);
+            eq = fmax(eq, fabs(fd - dx[i]) / (1e-3 + fabs(fd)));
+        }
+        CHECK_MSG(eq < 1e-4, "quick_gelu backward %g", eq);
+        /* layernorm against double, rows shifted far from 0 (cancellation) */
+        for (int i = 0; i < RN * RC; i++) m1[i] = m0[i] * 2.0f + 30.0f;
+        CHECK_STATUS(be->iface->layernorm_f32(be, RN, RC, 1e-5f, m1, gam, bet, m2, mu, rs), LORA_OK);
+        double el = 0;
+        for (int i = 0; i < RN; i++) {
+            double mm = 0, vv = 0;
+            for (int j = 0; j < RC; j++) mm += m1[i * RC + j];
+            mm /= RC;
+            for (int j = 0; j < RC; j++) vv += (m1[i * RC + j] - mm) * (m1[i * RC + j] - mm);
+            double r = 1.0 / sqrt(vv / RC + 1e-5);
+            el = fmax(el, fabs(mu[i] - mm) / fabs(mm) + fabs(rs[i] - r) / r);
+            for (int j = 0; j < RC; j++)
+                el = fmax(el, fabs(m2[i * RC + j] - ((m1[i * RC + j] - mm) * r * gam[j] + bet[j])));
+        }
+        CHECK_MSG(el < 1e-5, "layernorm error %g", el);
+        /* layernorm backward against the closed form in double */
+        fill(&g, m2, RN * RC);   /* dy */
+        for (int j = 0; j < RC; j++) dg[j] = dbt[j] = 1.0f;
+        float *lx = malloc(RN * RC * 4);
+        CHECK_STATUS(be->iface->layernorm_backward_f32(be, RN, RC, m2, m1, mu, rs, gam, lx, dg, dbt, 0), LORA_OK);
+        el = 0;
+        double eg2 = 0;
+        for (int i = 0; i < RN; i++) {
+            double sg = 0, sgx = 0;
+            for (int j = 0; j < RC; j++) {
+                double xh = (m1[i * RC + j] - (double)mu[i]) * rs[i], gg = (double)m2[i * RC + j] * gam[j];
+                sg += gg;
+                sgx += gg * xh;
+            }
+            for (int j = 0; j < RC; j++) {
+                double xh = (m1[i * RC + j] - (double)mu[i]) * rs[i], gg = (double)m2[i * RC + j] * gam[j];
+                el = fmax(el, fabs(lx[i * RC + j] - rs[i] * (gg - sg / RC - xh * sgx / RC)));
+            }
+        }
+        for (int j = 0; j < RC; j++) {
+            double tg = 1, tb = 1;
+            for (int i = 0; i < RN; i++) {
+                tg += (double)m2[i * RC + j] * ((m1[i * RC + j] - (double)mu[i]) * rs[i]);
+                tb += m2[i * RC + j];
+            }
+            eg2 = fmax(eg2, fabs(dg[j] - tg) + fabs(dbt[j] - tb));
+        }
+        CHECK_MSG(el < 1e-4 && eg2 < 1e-3, "layernorm backward dx %g, params %g", el, eg2);
+        free(lx);
+        /* softmax over [.., T, T] rows, causal and full, and its backward */
+        enum { ST = 77, SR = 6 * ST };
+        for (int causal = 0; causal < 2; causal++) {
+            memcpy(m1, m0, SR * ST * 4);
+            for (int i = 0; i < SR * ST; i++) m1[i] *= 3.0f;
+            CHECK_STATUS(be->iface->softmax_f32(be, SR, ST, causal, m1), LORA_OK);
+            double es2 = 0;
+            int mask_ok = 1;
+            for (int r = 0; r < SR; r++) {
+                int lim = causal ? r % ST + 1 : ST;
+                double mx = -1e300, sum = 0;
+                for (int j = 0; j < lim; j++) mx = fmax(mx, 3.0 * m0[r * ST + j]);
+                for (int j = 0; j < lim; j++) sum += exp(3.0 * m0[r * ST + j] - mx);
+                for (int j = 0; j < lim; j++)
+                    es2 = fmax(es2, fabs(m1[r * ST + j] - exp(3.0 * m0[r * ST + j] - mx) / sum));
+                for (int j = lim; j < ST; j++) mask_ok &= m1[r * ST + j] == 0.0f;
+            }
+            CHECK_MSG(es2 < 1e-6 && mask_ok, "softmax (causal %d) error %g, mask %d", causal, es2, mask_ok);
+            /* backward in place: dx = p (dy - <p, dy>) */
+            memcpy(m2, dy, SR * ST * 4);
+            CHECK_STATUS(be->iface->softmax_backward_f32(be, SR, ST, m1, m2, m2), LORA_OK);
+            es2 = 0;
+            for (int r = 0; r < SR; r++) {
+                double dot = 0;
+                for (int j = 0; j < ST; j++) dot += (double)m1[r * ST + j] * dy[r * ST + j];
+                for (int j = 0; j < ST; j++)
+                    es2 = fmax(es2, fabs(m2[r * ST + j] - m1[r * ST + j] * (dy[r * ST + j] - dot)));
+            }
+            CHECK_MSG(es2 < 1e-6, "softmax backward error %g", es2);
+        }
+        /* embedding: gather + positions, the first bad row reported before any write */
+        enum { EV = 50, EP = 7, EC = 33, EN = 3 * EP };
+        int32_t ids[EN];
+        for (int i = 0; i < EN; i++) ids[i] = (i * 17 + 3) % EV;
+        int64_t bad_row = 99;
+        int32_t bad_id = 99;
+        CHECK_STATUS(be->iface->embedding_f32(be, EN, EC, ids, m0, row, EP, EV, m1, &bad_row, &bad_id), LORA_OK);
+        ok = bad_row == -1;
+        for (int i = 0; i < EN; i++)
+            for (int j = 0; j < EC; j++) ok &= m1[i * EC + j] == m0[ids[i] * EC + j] + row[(i % EP) * EC + j];
+        CHECK(ok);
+        ids[9] = EV;
+        ids[12] = -4;
+        m1[0] = 12345.0f;
+        CHECK_STATUS(be->iface->embedding_f32(be, EN, EC, ids, m0, NULL, EP, EV, m1, &bad_row, &bad_id), LORA_OK);
+        CHECK(bad_row == 9 && bad_id == EV && m1[0] == 12345.0f);
+        ids[9] = 1;
+        ids[12] = 1;   /* a repeated id: its gradient rows add */
+        memset(cs, 0, RC * 4);
+        for (int i = 0; i < EV * EC; i++) m2[i] = 0.5f;
+        CHECK_STATUS(be->iface->embedding_backward_f32(be, EN, EC, ids, dy, EP, m2, cs), LORA_OK);
+        er = 0;
+        for (int v = 0; v < EV; v++)
+            for (int j = 0; j < EC; j++) {
+                double t = 0.5;
+                for (int i = 0; i < EN; i++) if (ids[i] == v) t += dy[i * EC + j];
+                er = fmax(er, fabs(m2[v * EC + j] - t));
+            }
+        for (int p2 = 0; p2 < EP; p2++)
+            for (int j = 0; j < EC; j++) {
+                double t = 0;
+                for (int i = p2; i < EN; i += EP) t += dy[i * EC + j];
+                er = fmax(er, fabs(cs[p2 * EC + j] - t));
+            }
+        CHECK_MSG(er < 1e-5, "embedding backward error %g", er);
+        free(m0); free(m1); free(m2); free(row); free(cs); free(mu); free(rs); free(gam); free(bet); free(dg); free(dbt);
+    }
+
     free(a); free(b); free(c); free(c0); free(ref); free(x); free(y); free(dy); free(dx); free(h);
     free(img); free(wt); free(cols); free(out);
     lora_ctx_free(ctx);
