@@ -502,11 +502,11 @@ typedef int32_t lora_tokenizer_flavour;
  * 48894 merges (about 0.8 MB) and a cache of the words it has seen, so one tokenizer should
  * serve many prompts. It belongs to `ctx` (same thread rules) and keeps it alive until freed.
  * Errors: LORA_E_INVALID_ARG (NULL ctx/out, unknown flavour), LORA_E_NOMEM. Free with
- * lora_tokenizer_free. Since 0.2.0. */
+ * lora_tokenizer_free. Since 0.1.0. */
 LORA_API lora_status lora_tokenizer_create(lora_ctx *ctx, lora_tokenizer_flavour flavour,
                                            lora_tokenizer **out);
 
-/* Frees a tokenizer. NULL is a no-op. Since 0.2.0. */
+/* Frees a tokenizer. NULL is a no-op. Since 0.1.0. */
 LORA_API void lora_tokenizer_free(lora_tokenizer *tok);
 
 /* Token ids of `utf8_text` exactly as kohya's train_util.get_input_ids builds them:
@@ -520,7 +520,7 @@ LORA_API void lora_tokenizer_free(lora_tokenizer *tok);
  * Errors: LORA_E_INVALID_ARG (NULL tok/text/ids), LORA_E_CONFIG_RANGE (max_token_length),
  * LORA_E_LIMIT (`cap` too small: *n_ids still says how many are needed),
  * LORA_E_CAPTION_ENCODING (not valid UTF-8; the message gives the byte offset).
- * Since 0.2.0. */
+ * Since 0.1.0. */
 LORA_API lora_status lora_tokenizer_encode(lora_tokenizer *tok, const char *utf8_text,
                                            int32_t max_token_length, int32_t *ids, size_t cap,
                                            size_t *n_ids);
@@ -529,7 +529,7 @@ LORA_API lora_status lora_tokenizer_encode(lora_tokenizer *tok, const char *utf8
  * CLIPTokenizer.tokenize + convert_tokens_to_ids give). `*n_ids` receives the count. With
  * ids NULL and cap 0 it only counts; otherwise `cap` smaller than the count gives
  * LORA_E_LIMIT (the first `cap` ids are written). Errors as lora_tokenizer_encode.
- * Since 0.2.0. */
+ * Since 0.1.0. */
 LORA_API lora_status lora_tokenizer_tokenize(lora_tokenizer *tok, const char *utf8_text,
                                              int32_t *ids, size_t cap, size_t *n_ids);
 
@@ -589,6 +589,21 @@ LORA_API lora_status lora_model_get_int(const lora_model *model, lora_model_info
  * folder must not exist or be empty and appears complete or not at all. Errors:
  * LORA_E_IO, LORA_E_NOSPACE, LORA_E_DEST_BUSY, LORA_E_CONFIG_RANGE. Since 0.1.0. */
 LORA_API lora_status lora_model_save(const lora_model *model, const char *path, const lora_params *opts);
+
+/* Encodes a prompt with the model's text encoder as kohya's training and gen_img do: the
+ * model's tokenizer flavour (SD1 or SD2), --max_token_length chunking (75, 150 or 225: each
+ * 77-token chunk is encoded separately and the results re-joined), and clip_skip (hidden
+ * state -clip_skip, then the final layer norm). Options (`opts` may be NULL): clip_skip,
+ * max_token_length. Writes the conditioning, float32 row-major [tokens, width] with
+ * tokens = max_token_length + 2 (77, 152, 227) and width = the text encoder width (768 for
+ * SD1, 1024 for SD2), to `out` (`cap` floats). out = NULL with cap = 0 only sets *tokens and
+ * *width (size query); either may be NULL. The first call builds the encoder (its weights in
+ * float32 on the context's backend) and keeps it with the model. Errors: LORA_E_LIMIT (cap
+ * too small), LORA_E_CONFIG_RANGE (clip_skip above the layer count), LORA_E_CAPTION_ENCODING
+ * (prompt is not UTF-8), LORA_E_UNSUPPORTED (an LDM checkpoint whose head count SD's rules do
+ * not give). Since 0.1.0. */
+LORA_API lora_status lora_model_encode_prompt(lora_model *model, const char *prompt, const lora_params *opts,
+                                              float *out, uint64_t cap, int64_t *tokens, int64_t *width);
 
 #ifdef __cplusplus
 }

@@ -13,13 +13,22 @@
 #include "io/keymap.h"
 #include "io/st_map.h"
 #include "io/atomic_file.h"
+#include "model/clip.h"
 #include "model/sd_model.h"
+#include "model/tokenizer.h"
 
 
 static int model_valid(const lora_model *m) { return m && m->magic == LORA_MODEL_MAGIC; }
 
 /* The maps first: their borrowed tensors point into the mappings. */
 static void model_release_files(lora_model *m) {
+    if (m->te_run) {
+        clip_free(m->te_run);
+        lora_free(m->ctx, m->te_run);
+        m->te_run = NULL;
+    }
+    tok_free(m->tokenizer);
+    m->tokenizer = NULL;
     sd_model_clear(&m->sd);
     for (int i = 0; i < 3; i++) {
         st_close(m->backing[i]);
@@ -247,6 +256,72 @@ LORA_API lora_status lora_model_save(const lora_model *model, const char *path, 
     LORA_TRY(lora_enter(ctx));
     lora_status s = path ? save_model(model, path, opts)
                          : lora_fail(ctx, LORA_E_INVALID_ARG, "lora_model_save: path is NULL");
+    lora_leave(ctx);
+    return s;
+}
+
+/* ---- prompt encoding ------------------------------------------------------------------- */
+static lora_status encode_prompt(lora_model *model, const char *prompt, const lora_params *opts, float *out,
+                                 uint64_t cap, int64_t *tokens, int64_t *width) {
+    lora_ctx *ctx = model->ctx;
+    const struct sd_config *cfg = &model->sd.cfg;
+    int64_t max_len = lora_params_int(opts, LORA_P_MAX_TOKEN_LENGTH);
+    int32_t clip_skip = (int32_t)lora_params_int(opts, LORA_P_CLIP_SKIP);
+    int64_t n_chunks = max_len / 75, T = n_chunks * 75 + 2, C = cfg->te_hidden;
+    if (tokens) *tokens = T;
+    if (width) *width = C;
+    if (!out && cap == 0) return LORA_OK;   /* size query */
+    if (!out || cap < (uint64_t)(T * C))
+        return lora_fail(ctx, LORA_E_LIMIT, "encode_prompt: the output needs %lld x %lld floats, the buffer holds %llu",
+                         (long long)T, (long long)C, (unsigned long long)cap);
+    if (clip_skip > cfg->te_layers)
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE, "clip_skip: %d is more than the text encoder's %d layers", clip_skip,
+                         cfg->te_layers);
+    if (cfg->te_heads <= 0)
+        return lora_fail(ctx, LORA_E_UNSUPPORTED, "encode_prompt: the text encoder's head count is unknown (LDM files do "
+                         "not store it and SD's rule, width/64, does not fit width %d)", cfg->te_hidden);
+    if (!model->tokenizer)
+        LORA_TRY(tok_create(ctx, cfg->version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &model->tokenizer));
+    if (!model->te_run) {
+        struct clip_model *cm = lora_calloc(ctx, 1, sizeof *cm);
+        if (!cm) return LORA_E_NOMEM;
+        lora_status s = clip_init(cm, ctx->backend, &model->sd.te, cfg);
+        if (s != LORA_OK) {
+            lora_free(ctx, cm);
+            return s;
+        }
+        model->te_run = cm;
+    }
+    int64_t n_ids = n_chunks * 77;
+    int32_t *ids = lora_malloc(ctx, (size_t)n_ids * sizeof *ids);
+    float *enc = lora_malloc(ctx, (size_t)(n_ids * C) * sizeof *enc);
+    struct clip_plan plan;
+    memset(&plan, 0, sizeof plan);
+    int planned = 0;
+    size_t got = 0;
+    lora_status s = (ids && enc) ? LORA_OK : LORA_E_NOMEM;
+    if (s == LORA_OK) s = tok_encode(model->tokenizer, prompt, strlen(prompt), (int32_t)max_len, ids, (size_t)n_ids, &got);
+    if (s == LORA_OK && (int64_t)got != n_ids)
+        s = lora_fail(ctx, LORA_E_INTERNAL, "encode_prompt: the tokenizer gave %zu ids, %lld expected", got, (long long)n_ids);
+    /* kohya encodes each 77-token chunk as its own sequence, then re-joins them (spec 4.5) */
+    if (s == LORA_OK) s = clip_plan_init(&plan, model->te_run, n_chunks, 77, 0, 0);
+    planned = s == LORA_OK;
+    if (s == LORA_OK) s = clip_forward(&plan, ids, NULL, clip_skip);
+    if (s == LORA_OK) s = clip_download_output(&plan, enc, NULL);
+    if (s == LORA_OK) clip_rejoin_chunks(out, enc, 1, n_chunks, 77, C);
+    if (planned) clip_plan_free(&plan);
+    lora_free(ctx, ids);
+    lora_free(ctx, enc);
+    return s;
+}
+
+LORA_API lora_status lora_model_encode_prompt(lora_model *model, const char *prompt, const lora_params *opts,
+                                              float *out, uint64_t cap, int64_t *tokens, int64_t *width) {
+    if (!model_valid(model)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = prompt ? encode_prompt(model, prompt, opts, out, cap, tokens, width)
+                           : lora_fail(ctx, LORA_E_INVALID_ARG, "lora_model_encode_prompt: prompt is NULL");
     lora_leave(ctx);
     return s;
 }

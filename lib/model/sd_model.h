@@ -55,6 +55,8 @@ struct lora_model {
     struct lora_file *backing[3];   /* mapped .safetensors files that borrowed tensors point into */
     void *ckpt_map;              /* or the mapped .ckpt (see ckpt_read_mapped) */
     uint64_t ckpt_map_size;
+    struct clip_model *te_run;   /* text encoder ready to run, built on first encode_prompt */
+    lora_tokenizer *tokenizer;   /* likewise */
 };
 
 void sd_model_init(struct sd_model *m, lora_ctx *ctx);
