@@ -428,7 +428,7 @@ lora_status tok_encode(lora_tokenizer *t, const char *text, size_t len, int32_t 
     size_t L = (size_t)max_token_length + 2, k = t->n_ids < L - 2 ? t->n_ids : L - 2;
     int32_t full[227];
     full[0] = TOK_BOS;
-    memcpy(full + 1, t->ids, k * sizeof *full);
+    if (k) memcpy(full + 1, t->ids, k * sizeof *full);   /* t->ids is NULL before the first word */
     full[1 + k] = TOK_EOS;
     for (size_t i = 2 + k; i < L; i++) full[i] = t->pad_id;
     if (n_chunks == 1) {
