@@ -9,21 +9,14 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
+
 #include "internal.h"
 #include "backend/backend.h"
 #include "io/tensor_map.h"
 #include "model/clip.h"
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static float urand(uint64_t *st) {   /* xorshift64*, uniform in [-1, 1) */
     *st ^= *st >> 12;
@@ -43,10 +36,6 @@ static int add(struct tensor_map *tm, uint64_t *st, const char *name, int64_t d0
     free(data);
     return s == LORA_OK;
 }
-
-#define MEDIAN(reps, body, out) do { body; double t_[64]; int r_ = (reps) > 64 ? 64 : (reps); \
-    for (int i_ = 0; i_ < r_; i_++) { double s_ = now(); body; t_[i_] = now() - s_; } \
-    qsort(t_, r_, sizeof t_[0], cmp_d); out = t_[r_ / 2]; } while (0)
 
 int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 5;
@@ -100,7 +89,7 @@ int main(int argc, char **argv) {
         struct clip_plan p;
         if (clip_plan_init(&p, &m, batch, T, 0, 0) != LORA_OK) return 1;
         double t;
-        MEDIAN(reps, clip_forward(&p, ids, NULL, 1), t);
+        TIME_MEDIAN(reps, clip_forward(&p, ids, NULL, 1), t);
         printf("clip_fwd_b%d %.2f\n", batch, t * 1e3);
         clip_plan_free(&p);
     }
@@ -131,7 +120,7 @@ int main(int argc, char **argv) {
         struct clip_plan p;
         if (clip_plan_init(&p, &m, 1, T, R, 1) != LORA_OK) return 1;
         double t;
-        MEDIAN(reps, { clip_forward(&p, ids, ptr, 1); clip_backward(&p, dout, ptr); }, t);
+        TIME_MEDIAN(reps, { clip_forward(&p, ids, ptr, 1); clip_backward(&p, dout, ptr); }, t);
         printf("clip_lora_step_b1 %.2f\n", t * 1e3);
         clip_plan_free(&p);
         free(wts); free(grads); free(ad); free(ptr); free(dout);

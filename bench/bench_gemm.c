@@ -6,6 +6,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
+
 #include "internal.h"
 #include "backend/backend.h"
 #include "core/rng.h"
@@ -13,21 +15,8 @@
 char *openblas_get_config(void);
 char *openblas_get_corename(void);
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
-/* median of `reps` timings after one warm-up */
-#define TIME_MEDIAN(reps, body, out) do { body; double t_[64]; int r_ = (reps) > 64 ? 64 : (reps); \
-    for (int i_ = 0; i_ < r_; i_++) { double s_ = now(); body; t_[i_] = now() - s_; } \
-    qsort(t_, r_, sizeof t_[0], cmp_d); out = t_[r_ / 2]; } while (0)
 
 int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 5;

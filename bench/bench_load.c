@@ -11,16 +11,9 @@
 
 #include <lora/lora.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "bench_util.h"
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+
 
 static double raw_read(const char *path) {
     int fd = open(path, O_RDONLY);
@@ -28,14 +21,14 @@ static double raw_read(const char *path) {
     struct stat sb;
     fstat(fd, &sb);
     char *buf = malloc((size_t)sb.st_size);
-    double t = now();
+    double t = bench_now();
     size_t got = 0;
     while (buf && got < (size_t)sb.st_size) {
         ssize_t n = read(fd, buf + got, (size_t)sb.st_size - got);
         if (n <= 0) break;
         got += (size_t)n;
     }
-    t = now() - t;
+    t = bench_now() - t;
     close(fd);
     free(buf);
     return t;
@@ -58,17 +51,16 @@ int main(int argc, char **argv) {
         double t[31];
         for (int r = 0; r < reps; r++) {
             lora_model *m = NULL;
-            double s = now();
+            double s = bench_now();
             lora_status st = lora_model_load(ctx, path, NULL, &m);
-            t[r] = now() - s;
+            t[r] = bench_now() - s;
             if (st != LORA_OK) {
                 fprintf(stderr, "%s: %s\n", path, lora_errmsg(ctx));
                 return 1;
             }
             lora_model_free(m);
         }
-        qsort(t, (size_t)reps, sizeof t[0], cmp_d);
-        printf("lora_model_load:%s %.3f\n", base, t[reps / 2]);
+        printf("lora_model_load:%s %.3f\n", base, bench_median(t, reps));
     }
     lora_ctx_free(ctx);
     return 0;

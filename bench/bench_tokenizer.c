@@ -11,11 +11,8 @@
 
 #include <lora/lora.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "bench_util.h"
+
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -46,27 +43,27 @@ int main(int argc, char **argv) {
         lora_tokenizer *tok = NULL;
         if (lora_tokenizer_create(ctx, runs[r].flavour, &tok) != LORA_OK) return 1;
         for (size_t i = 0; i < n; i++) lora_tokenizer_encode(tok, texts[i], runs[r].max_len, ids, 231, &got);
-        double t = now();
+        double t = bench_now();
         for (int k = 0; k < reps; k++)
             for (size_t i = 0; i < n; i++)
                 if (lora_tokenizer_encode(tok, texts[i], runs[r].max_len, ids, 231, &got) != LORA_OK) {
                     fprintf(stderr, "%s: %s\n", runs[r].name, lora_errmsg(ctx));
                     return 1;
                 }
-        t = now() - t;
+        t = bench_now() - t;
         printf("%s %.0f\n", runs[r].name, (double)reps * (double)n / t);
         lora_tokenizer_free(tok);
     }
     /* cold: create + one pass, as a one-shot `lora tokenize` does */
     int cold = reps < 20 ? reps : 20;
-    double t = now();
+    double t = bench_now();
     for (int k = 0; k < cold; k++) {
         lora_tokenizer *tok = NULL;
         if (lora_tokenizer_create(ctx, LORA_TOKENIZER_SD1, &tok) != LORA_OK) return 1;
         for (size_t i = 0; i < n; i++) lora_tokenizer_encode(tok, texts[i], 75, ids, 231, &got);
         lora_tokenizer_free(tok);
     }
-    t = now() - t;
+    t = bench_now() - t;
     printf("sd1_75_cold %.0f\n", (double)cold * (double)n / t);
     printf("# %zu prompts, %d passes, single thread; create+free+one pass: %.2f ms\n", n, reps, 1e3 * t / cold);
     lora_ctx_free(ctx);

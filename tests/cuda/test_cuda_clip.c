@@ -15,6 +15,7 @@
 #include "model/clip.h"
 #include "model/sd_model.h"
 #include "../test.h"
+#include "../ref_file.h"
 
 #define OUT_TOL 1e-5    /* rel L2, GPU vs CPU and GPU vs transformers */
 #define GRAD_TOL 1e-4   /* rel L2 of gradients, GPU vs CPU */
@@ -22,47 +23,9 @@
 static struct lora_backend_impl *gpu;
 static double worst_out, worst_grad;
 
-static int64_t find(const struct lora_file *f, const char *name) {
-    for (int64_t i = 0; i < f->n_tensors; i++)
-        if (strcmp(f->tensors[i].name, name) == 0) return i;
-    return -1;
-}
 
-static const float *ref_f32(const struct lora_file *f, const char *name, int64_t *n) {
-    int64_t i = find(f, name);
-    if (i < 0 || f->tensors[i].dtype != LORA_DTYPE_F32) {
-        fprintf(stderr, "reference tensor %s missing or not F32\n", name);
-        return NULL;
-    }
-    if (n) *n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 4);
-    return (const float *)st_data(f, i);
-}
 
-static int32_t *ref_ids(const struct lora_file *f, const char *name, int64_t *rows, int64_t *cols) {
-    int64_t i = find(f, name);
-    if (i < 0 || f->tensors[i].dtype != LORA_DTYPE_I64 || f->tensors[i].ndim != 2) return NULL;
-    *rows = f->tensors[i].shape[0];
-    *cols = f->tensors[i].shape[1];
-    int32_t *out = malloc((size_t)(*rows * *cols) * sizeof *out);
-    const uint8_t *p = st_data(f, i);
-    for (int64_t k = 0; k < *rows * *cols; k++) {
-        int64_t v;
-        memcpy(&v, p + 8 * k, 8);
-        out[k] = (int32_t)v;
-    }
-    return out;
-}
 
-static double rel_l2(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    if (num != num) return INFINITY;
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
 
 /* Downloads n floats of the GPU buffer d and compares them with the CPU's `want`. */
 static void same(int ver, const char *what, const float *d, const float *want, int64_t n, double tol,
@@ -105,7 +68,7 @@ static int adapters_load(struct adapters *a, const struct lora_file *f, const st
         for (int64_t l = 0; l < m->layers; l++)
             for (int k = 0; k < CLIP_N_SLOTS; k++) {
                 char name[200];
-                int64_t nd, nu;
+                int64_t nd = 0, nu = 0;
                 snprintf(name, sizeof name, "lora.layers.%lld.%s.down", (long long)l, clip_slot_name(k));
                 const float *dn = ref_f32(f, name, &nd);
                 snprintf(name, sizeof name, "lora.layers.%lld.%s.up", (long long)l, clip_slot_name(k));

@@ -11,6 +11,7 @@
 #include "io/safetensors.h"
 #include "model/sd_model.h"
 #include "../test.h"
+#include "../ref_file.h"
 
 static lora_ctx *ctx;
 
@@ -30,14 +31,6 @@ static void widen_vocab(lora_model *m) {
     m->sd.cfg.te_vocab = (int32_t)V;
 }
 
-static double rel_l2(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
 
 int main(void) {
     CHECK_STATUS(lora_ctx_create(LORA_ABI_VERSION, &ctx), LORA_OK);

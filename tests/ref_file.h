@@ -1,0 +1,57 @@
+/* Reading reference tensors (safetensors written by the tests/reference scripts) in parity tests. */
+#ifndef LORA_TESTS_REF_FILE_H
+#define LORA_TESTS_REF_FILE_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/safetensors.h"
+
+/* Index of tensor `name`, or -1. */
+static inline int64_t ref_find(const struct lora_file *f, const char *name) {
+    for (int64_t i = 0; i < f->n_tensors; i++)
+        if (strcmp(f->tensors[i].name, name) == 0) return i;
+    return -1;
+}
+
+/* A float32 tensor of the reference file (NULL if absent); *n gets its element count. */
+static inline const float *ref_f32(const struct lora_file *f, const char *name, int64_t *n) {
+    int64_t i = ref_find(f, name);
+    if (i < 0 || f->tensors[i].dtype != LORA_DTYPE_F32) {
+        fprintf(stderr, "reference tensor %s missing or not F32\n", name);
+        return NULL;
+    }
+    if (n) *n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 4);
+    return (const float *)st_data(f, i);
+}
+
+/* A 2-D int64 ids tensor as int32 (malloc'd), with its rows and columns. */
+static inline int32_t *ref_ids(const struct lora_file *f, const char *name, int64_t *rows, int64_t *cols) {
+    int64_t i = ref_find(f, name);
+    if (i < 0 || f->tensors[i].dtype != LORA_DTYPE_I64 || f->tensors[i].ndim != 2) return NULL;
+    *rows = f->tensors[i].shape[0];
+    *cols = f->tensors[i].shape[1];
+    int32_t *out = malloc((size_t)(*rows * *cols) * sizeof *out);
+    const uint8_t *p = st_data(f, i);
+    for (int64_t k = 0; out && k < *rows * *cols; k++) {
+        int64_t v;
+        memcpy(&v, p + 8 * k, 8);
+        out[k] = (int32_t)v;
+    }
+    return out;
+}
+
+/* ||a - b|| / ||b|| in double (||a - b|| when b is all zeros). */
+static inline double rel_l2(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+#endif
