@@ -59,6 +59,15 @@ def lib():
             "lora_file_metadata_count": (i64, [c_p]),
             "lora_file_metadata_at": (i32, [c_p, i64, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p)]),
             "lora_file_read_f32": (i32, [c_p, i64, ctypes.POINTER(ctypes.c_float), u64]),
+            "lora_model_load": (i32, [c_p, ctypes.c_char_p, c_p, ctypes.POINTER(c_p)]),
+            "lora_model_free": (None, [c_p]),
+            "lora_model_get_int": (i32, [c_p, i32, ctypes.POINTER(i64)]),
+            "lora_model_save": (i32, [c_p, ctypes.c_char_p, c_p]),
+            "lora_model_encode_prompt": (i32, [c_p, ctypes.c_char_p, c_p, ctypes.POINTER(ctypes.c_float), u64,
+                                               ctypes.POINTER(i64), ctypes.POINTER(i64)]),
+            "lora_tokenizer_create": (i32, [c_p, i32, ctypes.POINTER(c_p)]),
+            "lora_tokenizer_free": (None, [c_p]),
+            "lora_tokenizer_encode": (i32, [c_p, ctypes.c_char_p, i32, ctypes.POINTER(i32), sz, ctypes.POINTER(sz)]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(L, name)
@@ -120,6 +129,14 @@ class Context(_Handle):
 
     def open_file(self, path):
         return File(self, path)
+
+    def load_model(self, path, **options):
+        """An SD v1/v2 checkpoint (.safetensors, .ckpt or a diffusers folder); options are kohya
+        flag names (v2=True, v_parameterization=True)."""
+        return Model(self, path, **options)
+
+    def tokenizer(self, v2=False):
+        return Tokenizer(self, v2)
 
 
 class Params(_Handle):
@@ -191,6 +208,62 @@ class File(_Handle):
         idx = list(tensors).index(name)
         self._ctx._check(lib().lora_file_read_f32(self._h, idx, buf, n))
         return list(buf[:n])
+
+
+MODEL_FACTS = {"sd_version": 1, "v_prediction": 2, "context_dim": 3, "unet_params": 4, "text_encoder_params": 5,
+               "vae_params": 6, "tensors": 7, "dtype": 8, "format": 9, "linear_projection": 10,
+               "unet_channels": 11, "text_encoder_layers": 12, "text_encoder_width": 13, "extra_tensors": 14}
+
+
+class Model(_Handle):
+    _free_fn = "lora_model_free"
+
+    def __init__(self, ctx, path, **options):
+        self._ctx = ctx
+        self._h = None
+        params = Params(ctx, **options)
+        h = ctypes.c_void_p()
+        ctx._check(lib().lora_model_load(ctx._h, os.fsencode(path), params._h, ctypes.byref(h)))
+        self._h = h
+
+    def __getitem__(self, fact):
+        out = ctypes.c_int64()
+        self._ctx._check(lib().lora_model_get_int(self._h, MODEL_FACTS[fact], ctypes.byref(out)))
+        return out.value
+
+    def save(self, path, **options):
+        """save_model_as=ckpt|safetensors|diffusers|diffusers_safetensors, save_precision=float|fp16|bf16"""
+        params = Params(self._ctx, **options)
+        self._ctx._check(lib().lora_model_save(self._h, os.fsencode(path), params._h))
+
+    def encode_prompt(self, prompt, **options):
+        """Conditioning as a list of rows (tokens x width floats); options clip_skip, max_token_length."""
+        params = Params(self._ctx, **options)
+        t, w = ctypes.c_int64(), ctypes.c_int64()
+        self._ctx._check(lib().lora_model_encode_prompt(self._h, prompt.encode(), params._h, None, 0,
+                                                         ctypes.byref(t), ctypes.byref(w)))
+        buf = (ctypes.c_float * (t.value * w.value))()
+        self._ctx._check(lib().lora_model_encode_prompt(self._h, prompt.encode(), params._h, buf, t.value * w.value,
+                                                         None, None))
+        return [list(buf[r * w.value:(r + 1) * w.value]) for r in range(t.value)]
+
+
+class Tokenizer(_Handle):
+    _free_fn = "lora_tokenizer_free"
+
+    def __init__(self, ctx, v2=False):
+        self._ctx = ctx
+        self._h = None
+        h = ctypes.c_void_p()
+        ctx._check(lib().lora_tokenizer_create(ctx._h, 2 if v2 else 1, ctypes.byref(h)))
+        self._h = h
+
+    def encode(self, text, max_token_length=75):
+        n = 77 * (max_token_length // 75)
+        ids = (ctypes.c_int32 * n)()
+        got = ctypes.c_size_t()
+        self._ctx._check(lib().lora_tokenizer_encode(self._h, text.encode(), max_token_length, ids, n, ctypes.byref(got)))
+        return list(ids[:got.value])
 
 
 def version():

@@ -57,5 +57,31 @@ with liblora.Context() as ctx:
         except liblora.LoraError as e:
             check(e.name == "LORA_E_ST_HEADER_TOO_SMALL" and bad in str(e), str(e))
 
+# Tokenizer and models through the binding (ids from transformers' CLIPTokenizer; facts from
+# the tiny fixtures' diffusers configs).
+data = os.environ.get("LORA_TEST_DATA")
+with liblora.Context() as ctx:
+    tok = ctx.tokenizer()
+    ids = tok.encode("a photo of a cat")
+    check(ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and len(ids) == 77 and ids[7] == 49407, "tokenizer ids")
+    check(ctx.tokenizer(v2=True).encode("a cat")[3:6] == [49407, 0, 0], "v2 pads with id 0 after EOS")
+    if data:
+        m = ctx.load_model(os.path.join(data, "sd", "v2_diffusers"))
+        with open(os.path.join(data, "sd", "v2_diffusers", "unet", "config.json")) as f:
+            ucfg = json.load(f)
+        check(m["sd_version"] == 2 and m["v_prediction"] == 1, "model version/prediction")
+        check(m["context_dim"] == ucfg["cross_attention_dim"], "model context dim")
+        with tempfile.TemporaryDirectory() as d:
+            m.save(os.path.join(d, "x.safetensors"), save_model_as="safetensors", save_precision="fp16")
+            m2 = ctx.load_model(os.path.join(d, "x.safetensors"), v2=True, v_parameterization=True)
+            check(m2["tensors"] >= m["tensors"], "saved model reloads")
+            m2.close()
+        try:
+            ctx.load_model(os.path.join(data, "sd", "v1_ldm.safetensors"), v2=True)
+            check(False, "v2 flag on a v1 file accepted")
+        except liblora.LoraError as e:
+            check(e.name == "LORA_E_CONFIG_RANGE", str(e))
+        m.close()
+
 print("test_python_binding: %d passed, %d failed" % (passed, failed))
 sys.exit(1 if failed else 0)
