@@ -605,6 +605,83 @@ LORA_API lora_status lora_model_save(const lora_model *model, const char *path, 
 LORA_API lora_status lora_model_encode_prompt(lora_model *model, const char *prompt, const lora_params *opts,
                                               float *out, uint64_t cap, int64_t *tokens, int64_t *width);
 
+/* ======================================================================================
+ * LoRA networks: kohya-ss sd-scripts networks/lora.py modules (lora_te_* on the text
+ * encoder's CLIPAttention/CLIPMLP Linears, lora_unet_* on the Linear and 1x1-conv children of
+ * every Transformer2DModel, and with conv_dim the ResnetBlock2D/Downsample2D/Upsample2D
+ * children). Each module holds lora_down [rank, in(, kh, kw)], lora_up [out, rank(, 1, 1)] and
+ * alpha; its forward adds multiplier * alpha/rank * up(down(x)) to the base layer's output.
+ * A network belongs to the context of the model or call that made it (same thread rules).
+ * ====================================================================================== */
+typedef struct lora_network lora_network;
+
+typedef int32_t lora_network_info;
+#define LORA_NETWORK_RANK           1   /* rank of the first Linear/1x1 module */
+#define LORA_NETWORK_ALPHA          2   /* its alpha (float; get_int truncates) */
+#define LORA_NETWORK_MODULES        3
+#define LORA_NETWORK_TE_MODULES     4
+#define LORA_NETWORK_UNET_MODULES   5
+#define LORA_NETWORK_CONV3X3_MODULES 6  /* modules on k x k convs (kohya conv_dim, LoCon) */
+#define LORA_NETWORK_CONV_RANK      7   /* rank of the first k x k module, 0 if none */
+#define LORA_NETWORK_CONV_ALPHA     8
+#define LORA_NETWORK_PARAMS         9   /* total elements of every down and up weight */
+
+/* Creates a network on `model` with kohya's module list, names and init: lora_down
+ * kaiming_uniform_(a=sqrt 5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from mt19937 so
+ * that seed s gives the values torch.manual_seed(s) + kohya's create_network give; lora_up
+ * zeros (a new network is an exact no-op). Options (`opts` may be NULL): network_dim (4),
+ * network_alpha (1; 0 = dim), conv_dim (0 = none) / conv_alpha, network_train_unet_only,
+ * network_train_text_encoder_only, seed (-1: 1234). Errors: LORA_E_INVALID_ARG,
+ * LORA_E_CONFIG_RANGE (both "only" flags), LORA_E_NOMEM. Free with lora_network_free.
+ * Since 0.2.0. */
+LORA_API lora_status lora_network_create(lora_model *model, const lora_params *opts, lora_network **out);
+
+/* Loads a kohya LoRA file: .safetensors (with its metadata) or a torch pickle (.pt/.ckpt, read
+ * without executing anything). Accepts 2-D and 4-D factors (1x1 and k x k convs), ranks
+ * and alphas per module, alpha as a 0-d tensor of any float or integer dtype, and files
+ * without alpha (before 2023-01-21: alpha = rank). Errors: LORA_E_NOT_FOUND, LORA_E_ST_*,
+ * LORA_E_CKPT_*, LORA_E_NO_MATCHING_KEYS (no lora_down tensor), LORA_E_NOT_A_MODEL (a down
+ * without its up), LORA_E_SHAPE_MISMATCH (factors that do not chain), LORA_E_NONFINITE_INPUT
+ * (NaN/Inf, negative alpha), each naming the key. Since 0.2.0. */
+LORA_API lora_status lora_network_load(lora_ctx *ctx, const char *path, lora_network **out);
+
+/* Saves in kohya's layout: <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha
+ * (0-d). `.safetensors` gets metadata ss_network_module ("networks.lora"), ss_network_dim,
+ * ss_network_alpha (unless set with lora_network_metadata_set) plus every key set or loaded;
+ * any other extension is a torch pickle without metadata. Options: save_precision
+ * (float|fp16|bf16 casts every tensor, alpha included, as kohya does; "" keeps each tensor's
+ * dtype). Atomic. Errors: LORA_E_IO, LORA_E_NOSPACE, LORA_E_DEST_BUSY. Since 0.2.0. */
+LORA_API lora_status lora_network_save(const lora_network *net, const char *path, const lora_params *opts);
+
+/* Frees a network. NULL is a no-op. Since 0.2.0. */
+LORA_API void lora_network_free(lora_network *net);
+
+/* Facts (LORA_NETWORK_*). Errors: LORA_E_INVALID_ARG, LORA_E_UNKNOWN_KEY. Since 0.2.0. */
+LORA_API lora_status lora_network_get_int(const lora_network *net, lora_network_info key, int64_t *out);
+LORA_API lora_status lora_network_get_float(const lora_network *net, lora_network_info key, double *out);
+
+/* Metadata written with the next .safetensors save (a key set twice keeps the last value).
+ * get copies like lora_params_get_string; an absent key gives LORA_E_UNKNOWN_KEY.
+ * Since 0.2.0. */
+LORA_API lora_status lora_network_metadata_set(lora_network *net, const char *key, const char *value);
+LORA_API lora_status lora_network_metadata_get(const lora_network *net, const char *key, char *buf,
+                                               size_t cap, size_t *needed);
+
+/* Which modules of `net` fit `model`: matched (a module of that name with the factors'
+ * shapes; a 4-D 1x1 LoRA fits a Linear proj_in/proj_out), unused (no module of that name),
+ * shape_mismatch. Any count pointer may be NULL. Offending keys are logged (warning);
+ * nothing matched gives LORA_E_NO_MATCHING_KEYS naming the first ones. Since 0.2.0. */
+LORA_API lora_status lora_network_coverage(const lora_network *net, const lora_model *model,
+                                           int64_t *matched, int64_t *unused,
+                                           int64_t *shape_mismatch);
+
+/* Merges the network into the model's weights as kohya's merge_lora.py does:
+ * W += multiplier * alpha/rank * up @ down (1x1 and k x k convs too), computed in float32
+ * and stored in each weight's dtype. Modules that do not fit are skipped (see coverage).
+ * Errors: LORA_E_INVALID_ARG (different contexts), LORA_E_CONFIG_RANGE (non-finite
+ * multiplier), LORA_E_NOMEM. Since 0.2.0. */
+LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_network *net, double multiplier);
+
 #ifdef __cplusplus
 }
 #endif
