@@ -115,6 +115,59 @@ struct lora_backend_iface {
     lora_status (*embedding_backward_f32)(struct lora_backend_impl *be, int64_t n, int64_t c,
                                           const int32_t *ids, const float *dy, int64_t positions,
                                           float *d_table, float *d_pos);
+
+    /* ---- image-op primitives (U-Net / VAE, NCHW fp32). OPTIONAL: lib/nn answers
+     * LORA_E_UNSUPPORTED when a backend leaves one NULL. ------------------------------------ */
+    /* im2col of one image x [c, h, w] with explicit padding: output position (oy, ox) reads
+     * input (oy*stride - pad_t + ky, ox*stride - pad_l + kx), zero outside the image;
+     * cols [c*kh*kw, oh*ow]. (Asymmetric padding: the caller picks oh, ow.) */
+    lora_status (*im2col_ex_f32)(struct lora_backend_impl *be, const float *x, int64_t c, int64_t h,
+                                 int64_t w, int64_t kh, int64_t kw, int64_t stride, int64_t pad_t,
+                                 int64_t pad_l, int64_t oh, int64_t ow, float *cols);
+    /* The adjoint: x (= or, with accumulate, +=) the sum of every column entry at the input
+     * position it was read from (entries that read padding are dropped). */
+    lora_status (*col2im_f32)(struct lora_backend_impl *be, const float *cols, int64_t c, int64_t h,
+                              int64_t w, int64_t kh, int64_t kw, int64_t stride, int64_t pad_t,
+                              int64_t pad_l, int64_t oh, int64_t ow, float *x, int accumulate);
+    /* y[r, j] += v[r % period] over `rows` rows of `cols` (per-channel bias of NCHW with
+     * period = c, per-sample channel add with period = batch*c). */
+    lora_status (*add_row_scalar_f32)(struct lora_backend_impl *be, int64_t rows, int64_t cols,
+                                      const float *v, int64_t period, float *y);
+    /* out[r] = sum_j x[r, j] + beta * out[r]; beta == 0 writes. */
+    lora_status (*row_sum_f32)(struct lora_backend_impl *be, int64_t rows, int64_t cols, const float *x,
+                               float beta, float *out);
+    /* GroupNorm of x [batch, c, hw] in `groups` groups (biased variance, eps inside the root),
+     * per-channel gamma/beta (NULL: 1 and 0), then SiLU when silu != 0. mean, rstd
+     * [batch*groups] saved. y must not alias x. */
+    lora_status (*groupnorm_f32)(struct lora_backend_impl *be, int64_t batch, int64_t c, int64_t hw,
+                                 int64_t groups, float eps, int silu, const float *x,
+                                 const float *gamma, const float *beta, float *y, float *mean,
+                                 float *rstd);
+    /* dx (= or += with accumulate) of the above; no gamma/beta gradients (frozen). */
+    lora_status (*groupnorm_backward_f32)(struct lora_backend_impl *be, int64_t batch, int64_t c,
+                                          int64_t hw, int64_t groups, int silu, const float *dy,
+                                          const float *x, const float *mean, const float *rstd,
+                                          const float *gamma, const float *beta, float *dx,
+                                          int accumulate);
+    /* nearest 2x upsample of `planes` planes h x w -> 2h x 2w; the backward sums 2x2 blocks
+     * (dx written). */
+    lora_status (*upsample2x_f32)(struct lora_backend_impl *be, int64_t planes, int64_t h, int64_t w,
+                                  const float *x, float *y);
+    lora_status (*upsample2x_backward_f32)(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                           int64_t w, const float *dy, float *dx);
+    /* GEGLU: x [n, 2*inner] = [hidden | gate] -> y [n, inner] = hidden * gelu(gate) (erf gelu);
+     * backward writes dx [n, 2*inner]. */
+    lora_status (*geglu_f32)(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x,
+                             float *y);
+    lora_status (*geglu_backward_f32)(struct lora_backend_impl *be, int64_t n, int64_t inner,
+                                      const float *x, const float *dy, float *dx);
+    /* Sinusoidal timestep embedding (diffusers get_timestep_embedding, fp32 arithmetic as
+     * torch does it): t [batch] -> y [batch, dim]; [sin | cos], or [cos | sin] with flip. */
+    lora_status (*timestep_embedding_f32)(struct lora_backend_impl *be, int64_t batch, int64_t dim,
+                                          const float *t, int flip_sin_to_cos, float freq_shift,
+                                          float max_period, float *y);
+    /* x[i] = min(max(x[i], lo), hi) (the VAE's logvar clamp). */
+    lora_status (*clamp_f32)(struct lora_backend_impl *be, int64_t n, float lo, float hi, float *x);
 };
 
 struct lora_backend_impl {

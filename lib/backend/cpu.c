@@ -6,6 +6,7 @@
 #include <cblas.h>
 
 #include "backend/backend.h"
+#include "backend/cpu_image.h"
 #include "core/dtype.h"
 
 #if LORA_HAVE_OPENMP
@@ -469,6 +470,18 @@ static const struct lora_backend_iface cpu_iface = {
     .softmax_backward_f32 = cpu_softmax_backward_f32,
     .embedding_f32 = cpu_embedding_f32,
     .embedding_backward_f32 = cpu_embedding_backward_f32,
+    .im2col_ex_f32 = cpu_im2col_ex_f32,
+    .col2im_f32 = cpu_col2im_f32,
+    .add_row_scalar_f32 = cpu_add_row_scalar_f32,
+    .row_sum_f32 = cpu_row_sum_f32,
+    .groupnorm_f32 = cpu_groupnorm_f32,
+    .groupnorm_backward_f32 = cpu_groupnorm_backward_f32,
+    .upsample2x_f32 = cpu_upsample2x_f32,
+    .upsample2x_backward_f32 = cpu_upsample2x_backward_f32,
+    .geglu_f32 = cpu_geglu_f32,
+    .geglu_backward_f32 = cpu_geglu_backward_f32,
+    .timestep_embedding_f32 = cpu_timestep_embedding_f32,
+    .clamp_f32 = cpu_clamp_f32,
 };
 
 lora_status lora_backend_cpu_create(lora_ctx *ctx, struct lora_backend_impl **out) {

@@ -126,4 +126,117 @@ lora_status nn_embedding_backward(struct lora_backend_impl *be, float *d_table, 
                                   const float *dy, const int32_t *ids, int64_t n,
                                   int64_t positions, int64_t c);
 
+/* ---- image ops (U-Net / VAE): NCHW fp32, frozen weights (no weight gradients) -----------
+ * Every op below needs the backend's image-op primitives (backend.h); a backend without them
+ * answers LORA_E_UNSUPPORTED. */
+
+/* conv2d: x [batch, cin, h, w] -> y [batch, cout, oh, ow] with torch weight [cout, cin, k, k]
+ * and optional bias [cout]; padding pad_t/pad_l/pad_b/pad_r (torch's symmetric padding p is
+ * p,p,p,p; diffusers' VAE downsample pads (0,1,0,1) = pad_b = pad_r = 1);
+ * oh = (h + pad_t + pad_b - k) / stride + 1. */
+struct nn_conv2d_shape {
+    int64_t batch, cin, h, w, cout, k, stride, pad_t, pad_l, pad_b, pad_r;
+};
+int64_t nn_conv2d_oh(const struct nn_conv2d_shape *s);
+int64_t nn_conv2d_ow(const struct nn_conv2d_shape *s);
+/* Scratch the forward and backward need (floats): cin*k*k*oh*ow for one image, 0 for a
+ * 1x1 stride-1 unpadded conv (a plain GEMM). */
+int64_t nn_conv2d_cols_floats(const struct nn_conv2d_shape *s);
+/* y written; cols: nn_conv2d_cols_floats scratch (NULL allowed when that is 0). y must not
+ * alias x. */
+lora_status nn_conv2d_forward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                              float *y, float *cols, const float *x, const float *w,
+                              const float *b);
+/* dx [batch, cin, h, w] (=, or += with accumulate) from dy via W^T and col2im. */
+lora_status nn_conv2d_backward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                               float *dx, float *cols, const float *dy, const float *w,
+                               int accumulate);
+
+/* GroupNorm (torch.nn.GroupNorm) over x [batch, c, hw], then SiLU when silu != 0 (the
+ * norm + act pairs of ResnetBlock2D). mean/rstd [batch*groups] saved; y must not alias x. */
+lora_status nn_groupnorm_forward(struct lora_backend_impl *be, float *y, float *mean, float *rstd,
+                                 const float *x, const float *gamma, const float *beta,
+                                 int64_t batch, int64_t c, int64_t hw, int64_t groups, float eps,
+                                 int silu);
+/* dx (=, or += with accumulate); dx must not alias dy or x. */
+lora_status nn_groupnorm_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                  const float *x, const float *mean, const float *rstd,
+                                  const float *gamma, const float *beta, int64_t batch, int64_t c,
+                                  int64_t hw, int64_t groups, int silu, int accumulate);
+
+/* Nearest 2x upsample (F.interpolate(scale_factor=2, mode="nearest")) of `planes` = batch*c
+ * planes h x w; the backward writes dx [planes, h, w]. */
+lora_status nn_upsample2x_forward(struct lora_backend_impl *be, float *y, const float *x,
+                                  int64_t planes, int64_t h, int64_t w);
+lora_status nn_upsample2x_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                   int64_t planes, int64_t h, int64_t w);
+
+/* Channel concat (torch.cat(dim=1)): y [batch, ca+cb, hw] = [a | b]; the backward splits dy
+ * into da [batch, ca, hw] and db [batch, cb, hw] (either NULL: skipped), written or, with
+ * accumulate, added. */
+lora_status nn_concat_channels(struct lora_backend_impl *be, float *y, const float *a,
+                               const float *b, int64_t batch, int64_t ca, int64_t cb, int64_t hw);
+lora_status nn_concat_channels_backward(struct lora_backend_impl *be, float *da, float *db,
+                                        const float *dy, int64_t batch, int64_t ca, int64_t cb,
+                                        int64_t hw, int accumulate);
+
+/* Per-channel add: y[b, ch, :] += v[ch] (per_sample == 0: a bias [c]) or v[b, ch]
+ * (per_sample: the time-embedding projection [batch, c]). The backward of the per-sample
+ * form: dv[b, ch] (=, or += with accumulate) sum over hw of dy[b, ch, :]. */
+lora_status nn_add_channel(struct lora_backend_impl *be, float *y, const float *v, int64_t batch,
+                           int64_t c, int64_t hw, int per_sample);
+lora_status nn_add_channel_backward(struct lora_backend_impl *be, float *dv, const float *dy,
+                                    int64_t batch, int64_t c, int64_t hw, int accumulate);
+
+/* GEGLU (diffusers attention.GEGLU after its proj): x [n, 2*inner] = [hidden | gate] ->
+ * y [n, inner] = hidden * gelu(gate); backward writes dx [n, 2*inner]. */
+lora_status nn_geglu_forward(struct lora_backend_impl *be, float *y, const float *x, int64_t n,
+                             int64_t inner);
+lora_status nn_geglu_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                              const float *x, int64_t n, int64_t inner);
+
+/* Sinusoidal timestep embedding (diffusers get_timestep_embedding, max_period 10000):
+ * t [batch] (a backend buffer) -> y [batch, dim]. */
+lora_status nn_timestep_embedding(struct lora_backend_impl *be, float *y, const float *t,
+                                  int64_t batch, int64_t dim, int flip_sin_to_cos,
+                                  float freq_shift);
+
+/* 1x1 projection between NCHW and token layout (Transformer2DModel proj_in / proj_out, both
+ * the 1x1-conv and the Linear form: the same arithmetic), W [out, in] (a [out, in, 1, 1]
+ * conv weight is the same data), b [out] or NULL.
+ *   to_tokens:   x [batch, in, hw]  -> y [batch, hw, out]
+ *   from_tokens: x [batch, hw, in]  -> y [batch, out, hw]
+ * Backwards write (or add, with accumulate) dx in the input's layout. */
+lora_status nn_proj_to_tokens_forward(struct lora_backend_impl *be, float *y, const float *x,
+                                      const float *w, const float *b, int64_t batch, int64_t hw,
+                                      int64_t in, int64_t out);
+lora_status nn_proj_to_tokens_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                       const float *w, int64_t batch, int64_t hw, int64_t in,
+                                       int64_t out, int accumulate);
+lora_status nn_proj_from_tokens_forward(struct lora_backend_impl *be, float *y, const float *x,
+                                        const float *w, const float *b, int64_t batch,
+                                        int64_t hw, int64_t in, int64_t out);
+lora_status nn_proj_from_tokens_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                         const float *w, int64_t batch, int64_t hw, int64_t in,
+                                         int64_t out, int accumulate);
+
+/* ---- blocked non-causal multi-head attention (self or cross) -----------------------------
+ * q [batch, tq, heads*d], k and v [batch, tk, heads*d], out [batch, tq, heads*d];
+ * out = softmax(q k^T * scale) v per head (scale: 1/sqrt(d) when <= 0). Queries run in blocks
+ * of rows so that only a [heads, block, tk] score tile exists at a time; nothing is saved:
+ * the backward recomputes each tile. Scratch: the forward needs heads*block*tk floats, the
+ * backward twice that; block = scratch_floats / (heads*tk) (forward) or / (2*heads*tk)
+ * (backward), capped at tq; at least 1 row must fit. */
+int64_t nn_mha_scratch_floats(int64_t heads, int64_t tk, int64_t block, int backward);
+lora_status nn_mha_forward(struct lora_backend_impl *be, float *out, const float *q,
+                           const float *k, const float *v, int64_t batch, int64_t tq, int64_t tk,
+                           int64_t heads, int64_t d, float scale, float *scratch,
+                           int64_t scratch_floats);
+/* dq, dk, dv written (each may be NULL: skipped). For self-attention the caller sums the
+ * three through its own q/k/v projections. */
+lora_status nn_mha_backward(struct lora_backend_impl *be, float *dq, float *dk, float *dv,
+                            const float *dout, const float *q, const float *k, const float *v,
+                            int64_t batch, int64_t tq, int64_t tk, int64_t heads, int64_t d,
+                            float scale, float *scratch, int64_t scratch_floats);
+
 #endif

@@ -1,0 +1,273 @@
+/* CPU image-op primitives: im2col/col2im with explicit padding, per-row scalar add and row
+ * sums, GroupNorm (+ fused SiLU) forward/backward, nearest 2x upsample, GEGLU, sinusoidal
+ * timestep embedding. Loops over independent rows/planes run with OpenMP. */
+#include <math.h>
+#include <string.h>
+
+#include "backend/cpu_image.h"
+
+#define PAR_MIN 32768
+
+static lora_status bad(struct lora_backend_impl *be, const char *op) {
+    return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cpu %s: bad shape", op);
+}
+
+lora_status cpu_im2col_ex_f32(struct lora_backend_impl *be, const float *x, int64_t c, int64_t h,
+                              int64_t w, int64_t kh, int64_t kw, int64_t stride, int64_t pad_t,
+                              int64_t pad_l, int64_t oh, int64_t ow, float *cols) {
+    if (c < 0 || h < 1 || w < 1 || kh < 1 || kw < 1 || stride < 1 || oh < 0 || ow < 0)
+        return bad(be, "im2col_ex");
+    int64_t rows = c * kh * kw;
+    /* serial: memory-bound (see cpu_im2col_f32) */
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t ci = r / (kh * kw), ky = (r / kw) % kh, kx = r % kw;
+        float *dst = cols + r * oh * ow;
+        for (int64_t oy = 0; oy < oh; oy++) {
+            int64_t iy = oy * stride - pad_t + ky;
+            float *row = dst + oy * ow;
+            if (iy < 0 || iy >= h) {
+                memset(row, 0, (size_t)ow * sizeof(float));
+                continue;
+            }
+            const float *src = x + (ci * h + iy) * w;
+            for (int64_t ox = 0; ox < ow; ox++) {
+                int64_t ix = ox * stride - pad_l + kx;
+                row[ox] = ix >= 0 && ix < w ? src[ix] : 0.0f;
+            }
+        }
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_col2im_f32(struct lora_backend_impl *be, const float *cols, int64_t c, int64_t h,
+                           int64_t w, int64_t kh, int64_t kw, int64_t stride, int64_t pad_t,
+                           int64_t pad_l, int64_t oh, int64_t ow, float *x, int accumulate) {
+    if (c < 0 || h < 1 || w < 1 || kh < 1 || kw < 1 || stride < 1 || oh < 0 || ow < 0)
+        return bad(be, "col2im");
+    int nt = lora_threads(be->ctx);
+    /* channels are independent: one thread per channel plane */
+#pragma omp parallel for num_threads(nt) if (c * h * w * kh * kw > PAR_MIN) schedule(static)
+    for (int64_t ci = 0; ci < c; ci++) {
+        float *xp = x + ci * h * w;
+        if (!accumulate) memset(xp, 0, (size_t)(h * w) * sizeof(float));
+        for (int64_t ky = 0; ky < kh; ky++)
+            for (int64_t kx = 0; kx < kw; kx++) {
+                const float *src = cols + ((ci * kh + ky) * kw + kx) * oh * ow;
+                for (int64_t oy = 0; oy < oh; oy++) {
+                    int64_t iy = oy * stride - pad_t + ky;
+                    if (iy < 0 || iy >= h) continue;
+                    float *row = xp + iy * w;
+                    const float *s = src + oy * ow;
+                    for (int64_t ox = 0; ox < ow; ox++) {
+                        int64_t ix = ox * stride - pad_l + kx;
+                        if (ix >= 0 && ix < w) row[ix] += s[ox];
+                    }
+                }
+            }
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_add_row_scalar_f32(struct lora_backend_impl *be, int64_t rows, int64_t cols,
+                                   const float *v, int64_t period, float *y) {
+    if (rows < 0 || cols < 0 || period < 1) return bad(be, "add_row_scalar");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (rows * cols > PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float a = v[r % period], *yr = y + r * cols;
+        for (int64_t j = 0; j < cols; j++) yr[j] += a;
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_row_sum_f32(struct lora_backend_impl *be, int64_t rows, int64_t cols, const float *x,
+                            float beta, float *out) {
+    if (rows < 0 || cols < 0) return bad(be, "row_sum");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (rows * cols > PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        double s = 0.0;
+        const float *xr = x + r * cols;
+        for (int64_t j = 0; j < cols; j++) s += xr[j];
+        out[r] = beta == 0.0f ? (float)s : beta * out[r] + (float)s;
+    }
+    return LORA_OK;
+}
+
+static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+lora_status cpu_groupnorm_f32(struct lora_backend_impl *be, int64_t batch, int64_t c, int64_t hw,
+                              int64_t groups, float eps, int silu, const float *x, const float *gamma,
+                              const float *beta, float *y, float *mean, float *rstd) {
+    if (batch < 0 || c < 1 || hw < 1 || groups < 1 || c % groups) return bad(be, "groupnorm");
+    int64_t cg = c / groups, n = batch * groups, len = cg * hw;
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * len > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xg = x + i * len;
+        float *yg = y + i * len;
+        double s = 0.0, s2 = 0.0;
+        for (int64_t j = 0; j < len; j++) s += xg[j];
+        double mu = s / (double)len;
+        for (int64_t j = 0; j < len; j++) {
+            double d = xg[j] - mu;
+            s2 += d * d;
+        }
+        double r = 1.0 / sqrt(s2 / (double)len + (double)eps);
+        mean[i] = (float)mu;
+        rstd[i] = (float)r;
+        int64_t c0 = (i % groups) * cg;
+        for (int64_t k = 0; k < cg; k++) {
+            float g = gamma ? gamma[c0 + k] : 1.0f, b = beta ? beta[c0 + k] : 0.0f;
+            const float *xc = xg + k * hw;
+            float *yc = yg + k * hw;
+            for (int64_t j = 0; j < hw; j++) {
+                float z = (float)((xc[j] - mu) * r) * g + b;
+                yc[j] = silu ? z * sigmoidf_(z) : z;
+            }
+        }
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_groupnorm_backward_f32(struct lora_backend_impl *be, int64_t batch, int64_t c,
+                                       int64_t hw, int64_t groups, int silu, const float *dy,
+                                       const float *x, const float *mean, const float *rstd,
+                                       const float *gamma, const float *beta, float *dx,
+                                       int accumulate) {
+    if (batch < 0 || c < 1 || hw < 1 || groups < 1 || c % groups) return bad(be, "groupnorm backward");
+    int64_t cg = c / groups, n = batch * groups, len = cg * hw;
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * len > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xg = x + i * len, *dyg = dy + i * len;
+        float *dxg = dx + i * len;
+        double mu = mean[i], r = rstd[i];
+        int64_t c0 = (i % groups) * cg;
+        /* pass 1: sums of dxhat and dxhat * xhat, dxhat = dz * gamma */
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t k = 0; k < cg; k++) {
+            float g = gamma ? gamma[c0 + k] : 1.0f, b = beta ? beta[c0 + k] : 0.0f;
+            for (int64_t j = 0; j < hw; j++) {
+                int64_t o = k * hw + j;
+                double xh = (xg[o] - mu) * r, dz = dyg[o];
+                if (silu) {
+                    float z = (float)xh * g + b, sg = sigmoidf_(z);
+                    dz *= (double)sg * (1.0 + (double)z * (1.0 - sg));
+                }
+                double dxh = dz * g;
+                s1 += dxh;
+                s2 += dxh * xh;
+            }
+        }
+        double m1 = s1 / (double)len, m2 = s2 / (double)len;
+        for (int64_t k = 0; k < cg; k++) {
+            float g = gamma ? gamma[c0 + k] : 1.0f, b = beta ? beta[c0 + k] : 0.0f;
+            for (int64_t j = 0; j < hw; j++) {
+                int64_t o = k * hw + j;
+                double xh = (xg[o] - mu) * r, dz = dyg[o];
+                if (silu) {
+                    float z = (float)xh * g + b, sg = sigmoidf_(z);
+                    dz *= (double)sg * (1.0 + (double)z * (1.0 - sg));
+                }
+                float v = (float)(r * (dz * g - m1 - xh * m2));
+                dxg[o] = accumulate ? dxg[o] + v : v;
+            }
+        }
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_upsample2x_f32(struct lora_backend_impl *be, int64_t planes, int64_t h, int64_t w,
+                               const float *x, float *y) {
+    if (planes < 0 || h < 1 || w < 1) return bad(be, "upsample2x");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (planes * h * w * 4 > PAR_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t i = 0; i < h; i++) {
+            const float *xs = x + (p * h + i) * w;
+            float *y0 = y + (p * 2 * h + 2 * i) * 2 * w, *y1 = y0 + 2 * w;
+            for (int64_t j = 0; j < w; j++) y0[2 * j] = y0[2 * j + 1] = xs[j];
+            memcpy(y1, y0, (size_t)(2 * w) * sizeof(float));
+        }
+    return LORA_OK;
+}
+
+lora_status cpu_upsample2x_backward_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                        int64_t w, const float *dy, float *dx) {
+    if (planes < 0 || h < 1 || w < 1) return bad(be, "upsample2x backward");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (planes * h * w * 4 > PAR_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t i = 0; i < h; i++) {
+            float *d = dx + (p * h + i) * w;
+            const float *y0 = dy + (p * 2 * h + 2 * i) * 2 * w, *y1 = y0 + 2 * w;
+            for (int64_t j = 0; j < w; j++) d[j] = (y0[2 * j] + y0[2 * j + 1]) + (y1[2 * j] + y1[2 * j + 1]);
+        }
+    return LORA_OK;
+}
+
+lora_status cpu_geglu_f32(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x,
+                          float *y) {
+    if (n < 0 || inner < 1) return bad(be, "geglu");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * inner > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *h = x + i * 2 * inner, *g = h + inner;
+        float *yi = y + i * inner;
+        for (int64_t j = 0; j < inner; j++) {
+            float gg = g[j];
+            float ge = 0.5f * gg * (1.0f + erff(gg * 0.70710678118654752f));
+            yi[j] = h[j] * ge;
+        }
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_geglu_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t inner,
+                                   const float *x, const float *dy, float *dx) {
+    if (n < 0 || inner < 1) return bad(be, "geglu backward");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (n * inner > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *h = x + i * 2 * inner, *g = h + inner, *d = dy + i * inner;
+        float *dh = dx + i * 2 * inner, *dg = dh + inner;
+        for (int64_t j = 0; j < inner; j++) {
+            float gg = g[j];
+            float cdf = 0.5f * (1.0f + erff(gg * 0.70710678118654752f));
+            float pdf = 0.39894228040143268f * expf(-0.5f * gg * gg);
+            float hj = h[j], dj = d[j];
+            dh[j] = dj * gg * cdf;
+            dg[j] = dj * hj * (cdf + gg * pdf);
+        }
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_timestep_embedding_f32(struct lora_backend_impl *be, int64_t batch, int64_t dim,
+                                       const float *t, int flip_sin_to_cos, float freq_shift,
+                                       float max_period, float *y) {
+    int64_t half = dim / 2;
+    if (batch < 0 || dim < 2 || (float)half == freq_shift) return bad(be, "timestep embedding");
+    /* torch: exponent = -log(max_period) * arange(half) (fp32) / (half - shift); exp; t * freq */
+    float nl = (float)-log((double)max_period), den = (float)half - freq_shift;
+    for (int64_t b = 0; b < batch; b++) {
+        float *yb = y + b * dim;
+        for (int64_t i = 0; i < half; i++) {
+            float e = (nl * (float)i) / den;
+            float f = expf(e);
+            float a = t[b] * f;
+            float s = (float)sin((double)a), co = (float)cos((double)a);
+            yb[flip_sin_to_cos ? half + i : i] = s;
+            yb[flip_sin_to_cos ? i : half + i] = co;
+        }
+        if (dim % 2) yb[dim - 1] = 0.0f;
+    }
+    return LORA_OK;
+}
+
+lora_status cpu_clamp_f32(struct lora_backend_impl *be, int64_t n, float lo, float hi, float *x) {
+    if (n < 0) return bad(be, "clamp");
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] < lo ? lo : x[i] > hi ? hi : x[i];
+    return LORA_OK;
+}

@@ -1,0 +1,115 @@
+/* U-Net forward parity with diffusers 0.10.2 UNet2DConditionModel on the tiny SD v1 (conv
+ * proj_in/out, 2 heads) and v2 (linear proj, heads [2,2,4,4]) models: unet.out for timesteps
+ * [1, 999], the Python-int and Python-float timestep cases, against
+ * tests/data/sd/vN_reference_outputs.safetensors, relative L2 <= 1e-5. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "backend/backend.h"
+#include "io/safetensors.h"
+#include "model/sd_model.h"
+#include "model/unet.h"
+#include "../test.h"
+
+#define OUT_TOL 1e-5
+
+static int64_t find(const struct lora_file *f, const char *name) {
+    for (int64_t i = 0; i < f->n_tensors; i++)
+        if (strcmp(f->tensors[i].name, name) == 0) return i;
+    fprintf(stderr, "reference tensor %s missing\n", name);
+    return -1;
+}
+
+static const float *ref_f32(const struct lora_file *f, const char *name, int64_t *n) {
+    int64_t i = find(f, name);
+    if (i < 0 || f->tensors[i].dtype != LORA_DTYPE_F32) return NULL;
+    if (n) *n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 4);
+    return (const float *)st_data(f, i);
+}
+
+/* int64 or float64 tensor elements as floats; returns the count (0 if absent) */
+static int64_t ref_times(const struct lora_file *f, const char *name, float *out, int64_t max) {
+    int64_t i = find(f, name);
+    if (i < 0) return 0;
+    int64_t n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 8);
+    const uint8_t *p = st_data(f, i);
+    for (int64_t k = 0; k < n && k < max; k++) {
+        if (f->tensors[i].dtype == LORA_DTYPE_I64) { int64_t v; memcpy(&v, p + 8 * k, 8); out[k] = (float)v; }
+        else { double v; memcpy(&v, p + 8 * k, 8); out[k] = (float)v; }
+    }
+    return n;
+}
+
+static double rel_l2(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void compare(int ver, const char *what, const float *got, const float *want, int64_t n) {
+    if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
+    double r = rel_l2(got, want, n);
+    printf("v%d %-26s rel L2 %.2e\n", ver, what, r);
+    CHECK_MSG(r <= OUT_TOL, "v%d %s: rel L2 %.3e > %.1e", ver, what, r, OUT_TOL);
+}
+
+static void test_version(lora_ctx *ctx, int ver, const char *dir) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/sd/v%d_diffusers", dir, ver);
+    lora_model *model = NULL;
+    CHECK_STATUS(lora_model_load(ctx, path, NULL, &model), LORA_OK);
+    if (!model) return;
+    snprintf(path, sizeof path, "%s/sd/v%d_reference_outputs.safetensors", dir, ver);
+    struct lora_file *f = NULL;
+    CHECK_STATUS(st_open(ctx, path, &f), LORA_OK);
+    struct unet_model m;
+    CHECK_STATUS(unet_init(&m, ctx->backend, &model->sd.unet, &model->sd.cfg), LORA_OK);
+    if (f && m.weights) {
+        int64_t ns = 0, nc = 0;
+        const float *x = ref_f32(f, "unet.sample_in", &ns);
+        const float *ctxt = ref_f32(f, "te.last_hidden_state", &nc);
+        int64_t B = 2, C = model->sd.cfg.unet_in_channels, h = 8, w = 8;
+        int64_t T = nc / (B * model->sd.cfg.context_dim);
+        CHECK(x && ctxt && ns == B * C * h * w && T == 77);
+        struct unet_plan p;
+        CHECK_STATUS(unet_plan_init(&p, &m, B, h, w, T), LORA_OK);
+        if (x && ctxt && p.mem) {
+            float *out = malloc((size_t)ns * 4), t[2];
+            CHECK(ref_times(f, "unet.timesteps", t, 2) == 2);
+            CHECK_STATUS(unet_forward(&p, x, t, ctxt, out), LORA_OK);
+            compare(ver, "out (t = 1, 999)", out, ref_f32(f, "unet.out", NULL), ns);
+            CHECK(ref_times(f, "unet.timestep_int", t, 1) == 1);
+            t[1] = t[0];
+            CHECK_STATUS(unet_forward(&p, x, t, ctxt, out), LORA_OK);
+            compare(ver, "out (int timestep)", out, ref_f32(f, "unet.out_timestep_int", NULL), ns);
+            CHECK(ref_times(f, "unet.timestep_float", t, 1) == 1);
+            t[1] = t[0];
+            CHECK_STATUS(unet_forward(&p, x, t, ctxt, out), LORA_OK);
+            compare(ver, "out (float timestep)", out, ref_f32(f, "unet.out_timestep_float", NULL), ns);
+            free(out);
+        }
+        unet_plan_free(&p);
+        CHECK_STATUS(unet_plan_init(&p, &m, B, 6, 8, T), LORA_E_INVALID_ARG);
+    }
+    unet_free(&m);
+    if (f) st_close(f);
+    lora_model_free(model);
+}
+
+int main(void) {
+    const char *dir = getenv("LORA_TEST_DATA");
+    if (!dir) dir = "tests/data";
+    lora_ctx *ctx = NULL;
+    CHECK_STATUS(lora_ctx_create(LORA_ABI_VERSION, &ctx), LORA_OK);
+    if (!ctx) return test_finish("test_unet");
+    test_version(ctx, 1, dir);
+    test_version(ctx, 2, dir);
+    lora_ctx_free(ctx);
+    return test_finish("test_unet");
+}
