@@ -6,4 +6,7 @@ int cli_fail(lora_ctx *ctx, lora_status s, const char *what);
 int cmd_info(lora_ctx *ctx, int argc, char **argv);
 int cmd_convert(lora_ctx *ctx, int argc, char **argv);
 int cmd_tokenize(lora_ctx *ctx, int argc, char **argv);
+int cmd_merge(lora_ctx *ctx, int argc, char **argv);
+int cmd_extract(lora_ctx *ctx, int argc, char **argv);
+int cmd_resize(lora_ctx *ctx, int argc, char **argv);
 #endif

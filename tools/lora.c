@@ -31,6 +31,10 @@ static void usage(FILE *out) {
             "  convert IN OUT       convert an SD checkpoint between .safetensors, .ckpt and diffusers\n"
             "  tokenize [--v2] [--max_token_length 75|150|225] [--raw] TEXT...\n"
             "                       print the CLIP token ids kohya's training feeds the text encoder\n"
+            "  merge                merge LoRAs into a model (--sd_model) or into one LoRA (merge_lora.py,\n"
+            "                       svd_merge_lora.py with --new_rank)\n"
+            "  extract              extract a LoRA from two models (extract_lora_from_models.py)\n"
+            "  resize               change a LoRA's rank by SVD (resize_lora.py)\n"
             "  version              print the library version and build features\n"
             "\n"
             "options for every command:\n"
@@ -64,6 +68,12 @@ int main(int argc, char **argv) {
         rc = cmd_convert(ctx, argc - 2, argv + 2);
     } else if (strcmp(argv[1], "tokenize") == 0) {
         rc = cmd_tokenize(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "merge") == 0) {
+        rc = cmd_merge(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "extract") == 0) {
+        rc = cmd_extract(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "resize") == 0) {
+        rc = cmd_resize(ctx, argc - 2, argv + 2);
     } else {
         fprintf(stderr, "lora: unknown command '%s'\n", argv[1]);
         usage(stderr);

@@ -682,6 +682,74 @@ LORA_API lora_status lora_network_coverage(const lora_network *net, const lora_m
  * multiplier), LORA_E_NOMEM. Since 0.2.0. */
 LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_network *net, double multiplier);
 
+/* ======================================================================================
+ * Merge, extract, resize: kohya sd-scripts' networks/merge_lora.py, svd_merge_lora.py,
+ * extract_lora_from_models.py and resize_lora.py (spec/kohya-lora.md §6, §7). SVDs are LAPACK
+ * sgesdd (economy) in float32 on the CPU. Progress: LORA_PHASE_MERGE (merge, resize) and
+ * LORA_PHASE_EXTRACT, one step per network or module; a progress callback returning non-zero
+ * or lora_ctx_cancel() stops the call with LORA_E_CANCELLED.
+ * ====================================================================================== */
+
+/* Casts every floating tensor of the text encoder and U-Net (not the VAE or extra tensors)
+ * to `dtype` (LORA_DTYPE_F32, F16 or BF16), as merge_lora.py's --precision does before
+ * merging (its default "float": merges are then stored unrounded). Errors:
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE (another dtype), LORA_E_NOMEM. Since 0.3.0. */
+LORA_API lora_status lora_model_cast(lora_model *model, lora_dtype dtype);
+
+/* merge_lora.py --sd_model: merges `nets[0..n)` into the model in order, each with
+ * `ratios[i]`: W += ratio * alpha/rank * up @ down (1x1 and k x k convs too; v2 q/k/v land in
+ * the packed in_proj_weight when saved), computed in float32 and stored in each weight's dtype
+ * (call lora_model_cast first for kohya's float merge). Every other tensor is left untouched.
+ * Modules that do not fit are skipped with a warning; a network none of whose modules fits
+ * gives LORA_E_NO_MATCHING_KEYS. The networks must belong to the model's context. Errors:
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE (non-finite ratio), LORA_E_NOMEM,
+ * LORA_E_CANCELLED (networks merged so far stay merged). Since 0.3.0. */
+LORA_API lora_status lora_merge_into_model(lora_model *model, const lora_network *const *nets,
+                                           const double *ratios, int64_t n);
+
+/* Merges LoRAs into one (no model). new_rank 0: merge_lora.py's rule (FEB 2023): per module,
+ * base_alpha = alpha of the first network holding it, every down and up multiplied by
+ * sqrt(alpha_k/base_alpha) * ratio_k and summed separately, alpha = base_alpha. The result is
+ * (sum s_k U_k)(sum s_k D_k): ratios act squared and cross terms appear (kohya's documented
+ * caveat); ranks and shapes must agree (else LORA_E_SHAPE_MISMATCH naming the module).
+ * new_rank > 0: svd_merge_lora.py: the exact sum of ratio * alpha/rank * up @ down per module
+ * is re-factored by SVD to min(new_rank, in, out) (k x k convs: new_conv_rank, 0 = new_rank),
+ * both factors clamped to the 0.99 quantile of their values, alpha = the new rank. Errors:
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_SHAPE_MISMATCH, LORA_E_NOMEM,
+ * LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.3.0. */
+LORA_API lora_status lora_merge_networks(lora_ctx *ctx, const lora_network *const *nets,
+                                         const double *ratios, int64_t n, int32_t new_rank,
+                                         int32_t new_conv_rank, lora_network **out);
+
+/* extract_lora_from_models.py: for every LoRA target of `base` (with conv_dim > 0 also the
+ * ResnetBlock2D/Downsample2D/Upsample2D convs) dW = tuned - base in float32, SVD, up = U_r S_r,
+ * down = Vh_r with r = min(dim (conv_dim for k x k convs), in, out), both clamped to the
+ * `clamp_quantile` quantile of their values (kohya: 0.99), alpha = r (int64 tensor),
+ * metadata ss_network_module/dim/alpha. The text encoder is dropped when no TE weight moved
+ * by more than `min_diff` (kohya 2023-03: 1e-6; later versions 0.01). Errors:
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_SHAPE_MISMATCH (different architectures),
+ * LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.3.0. */
+LORA_API lora_status lora_extract(const lora_model *base, const lora_model *tuned, int32_t dim,
+                                  int32_t conv_dim, double clamp_quantile, double min_diff,
+                                  lora_network **out);
+
+typedef int32_t lora_resize_method;
+#define LORA_RESIZE_FIXED         0   /* rank new_rank */
+#define LORA_RESIZE_SV_RATIO      1   /* keep singular values > S0 / param */
+#define LORA_RESIZE_SV_FRO        2   /* smallest rank keeping a param^2 share of sum S^2 */
+#define LORA_RESIZE_SV_CUMULATIVE 3   /* smallest rank keeping a param share of sum S */
+
+/* resize_lora.py: per module up @ down is re-factored by SVD to the new rank (dynamic methods:
+ * capped at new_rank, 1 for a zero matrix), up = U_r S_r, down = Vh_r, no clamp; alpha =
+ * scale * new rank per module with scale = (first alpha) / (first 2-D module's rank) as kohya
+ * computes it. The Frobenius share kept per module is logged (LORA_LOG_INFO). Metadata is
+ * copied with ss_network_dim/alpha updated ("Dynamic" for dynamic methods). Errors:
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with
+ * lora_network_free. Since 0.3.0. */
+LORA_API lora_status lora_network_resize(const lora_network *net, int32_t new_rank,
+                                         lora_resize_method dynamic_method, double dynamic_param,
+                                         lora_network **out);
+
 #ifdef __cplusplus
 }
 #endif

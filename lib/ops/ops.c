@@ -1,0 +1,530 @@
+/* Merge, extract and resize: kohya sd-scripts' networks/merge_lora.py, svd_merge_lora.py,
+ * extract_lora_from_models.py and resize_lora.py (commit 75d1883d) as library code. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+#include <lapacke.h>
+
+#include "core/dtype.h"
+#include "ops/ops.h"
+
+/* ---- small helpers ------------------------------------------------------------------------ */
+
+static void set_nn(struct net_module *mm) {
+    mm->nn.in = mm->in * mm->kh * mm->kw;
+    mm->nn.out = mm->out;
+    mm->nn.rank = mm->rank;
+    mm->nn.scale = nn_lora_scale(mm->has_alpha ? mm->alpha : 0.0, mm->rank, 1.0);
+    mm->nn.down = mm->down;
+    mm->nn.up = mm->up;
+    mm->nn.d_down = NULL;
+    mm->nn.d_up = NULL;
+}
+
+static lora_status new_net(lora_ctx *ctx, int64_t cap, struct lora_network **out) {
+    struct lora_network *net = lora_calloc(ctx, 1, sizeof *net);
+    if (!net) return LORA_E_NOMEM;
+    net->magic = LORA_NETWORK_MAGIC;
+    net->ctx = ctx;
+    if (cap > 0) {
+        net->m = lora_calloc(ctx, (size_t)cap, sizeof *net->m);
+        if (!net->m) { lora_free(ctx, net); return LORA_E_NOMEM; }
+    }
+    *out = net;
+    return LORA_OK;
+}
+
+/* Fills module `mm` (name copied) with shape facts; factors allocated (zeroed). */
+static lora_status init_module(lora_ctx *ctx, struct net_module *mm, const char *name, int32_t is_te, int32_t kind,
+                               int64_t rank, int64_t in, int64_t out, int64_t kh, int64_t kw) {
+    mm->name = lora_strdup(ctx, name);
+    if (!mm->name) return LORA_E_NOMEM;
+    mm->is_te = is_te;
+    mm->kind = kind;
+    mm->rank = rank;
+    mm->in = in;
+    mm->out = out;
+    mm->kh = kh;
+    mm->kw = kw;
+    mm->down_ndim = mm->up_ndim = kind == NET_LINEAR ? 2 : 4;
+    mm->dtype = LORA_DTYPE_F32;
+    mm->alpha_dtype = LORA_DTYPE_F32;
+    mm->has_alpha = 1;
+    mm->alpha = (double)rank;
+    mm->down = lora_calloc(ctx, (size_t)(rank * in * kh * kw), 4);
+    mm->up = lora_calloc(ctx, (size_t)(out * rank), 4);
+    if (!mm->down || !mm->up) return LORA_E_NOMEM;
+    return LORA_OK;
+}
+
+static double mod_scale(const struct net_module *mm) { return (mm->has_alpha ? mm->alpha : (double)mm->rank) / (double)mm->rank; }
+
+/* dst[out, k] (+)= s * up[out, rank] @ down[rank, k] */
+static void add_product(float *dst, const struct net_module *mm, float s) {
+    int64_t k = mm->in * mm->kh * mm->kw;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)mm->out, (int)k, (int)mm->rank, s, mm->up,
+                (int)mm->rank, mm->down, (int)k, 1.0f, dst, (int)k);
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* torch.quantile(cat(up, down), q) (linear interpolation, float32 arithmetic) and the clamp to
+ * [-q, q] of both, as kohya's extract/svd_merge do. */
+static lora_status clamp_quantile(lora_ctx *ctx, float *up, int64_t nu, float *down, int64_t nd, double q) {
+    int64_t n = nu + nd;
+    if (n == 0 || q >= 1.0 + 1e-12 || q <= 0) return LORA_OK;
+    float *v = lora_malloc(ctx, (size_t)n * 4);
+    if (!v) return LORA_E_NOMEM;
+    memcpy(v, up, (size_t)nu * 4);
+    memcpy(v + nu, down, (size_t)nd * 4);
+    qsort(v, (size_t)n, 4, cmp_float);
+    float rank = (float)q * (float)(n - 1);
+    int64_t lo = (int64_t)rank, hi = (int64_t)ceilf(rank);
+    if (hi > n - 1) hi = n - 1;
+    float w = rank - (float)lo, a = v[lo], b = v[hi];
+    float hv = w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+    lora_free(ctx, v);
+    float lv = -hv;
+    for (int64_t i = 0; i < nu; i++) up[i] = fminf(fmaxf(up[i], lv), hv);
+    for (int64_t i = 0; i < nd; i++) down[i] = fminf(fmaxf(down[i], lv), hv);
+    return LORA_OK;
+}
+
+/* Economy SVD of a[m, n] (row-major, destroyed) with LAPACK sgesdd. u [m, k], s [k], vt [k, n],
+ * k = min(m, n). */
+static lora_status svd(lora_ctx *ctx, const char *what, float *a, int64_t m, int64_t n, float **u, float **s,
+                       float **vt) {
+    int64_t k = m < n ? m : n;
+    *u = lora_malloc(ctx, (size_t)(m * k) * 4);
+    *s = lora_malloc(ctx, (size_t)k * 4);
+    *vt = lora_malloc(ctx, (size_t)(k * n) * 4);
+    if (!*u || !*s || !*vt) return LORA_E_NOMEM;
+    lapack_int info = LAPACKE_sgesdd(LAPACK_ROW_MAJOR, 'S', (lapack_int)m, (lapack_int)n, a, (lapack_int)n, *s, *u,
+                                     (lapack_int)k, *vt, (lapack_int)n);
+    if (info != 0)
+        return lora_fail(ctx, info < 0 ? LORA_E_INTERNAL : LORA_E_NONFINITE_WEIGHTS,
+                         "SVD of '%s' [%lld, %lld] failed (LAPACK sgesdd info %d)", what, (long long)m, (long long)n,
+                         (int)info);
+    return LORA_OK;
+}
+
+/* Keeps `r` singular triplets of the SVD of a[m, n]: up = U_r diag(S_r) [m, r], down = Vh_r [r, n].
+ * `sv` (optional) receives all min(m, n) singular values (caller frees). */
+static lora_status factor(lora_ctx *ctx, const char *what, float *a, int64_t m, int64_t n, int64_t r, float *up,
+                          float *down) {
+    float *u = NULL, *s = NULL, *vt = NULL;
+    int64_t k = m < n ? m : n;
+    lora_status st = svd(ctx, what, a, m, n, &u, &s, &vt);
+    if (!st) {
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < r; j++) up[i * r + j] = u[i * k + j] * s[j];
+        memcpy(down, vt, (size_t)(r * n) * 4);
+    }
+    lora_free(ctx, u);
+    lora_free(ctx, s);
+    lora_free(ctx, vt);
+    return st;
+}
+
+/* ---- merge into a model ------------------------------------------------------------------- */
+
+static lora_status cast_map(lora_ctx *ctx, struct tensor_map *map, lora_dtype dt) {
+    for (int64_t i = 0; i < map->n; i++) {
+        struct lora_tensor *t = &map->t[i];
+        int fl = t->dtype == LORA_DTYPE_F32 || t->dtype == LORA_DTYPE_F16 || t->dtype == LORA_DTYPE_BF16;
+        if (!fl || t->dtype == dt) continue;
+        int64_t n = tmap_numel(t);
+        float *f = lora_malloc(ctx, (size_t)n * 4 + 1);
+        if (!f) return LORA_E_NOMEM;
+        lora_status s = net_to_f32(ctx, t->name, t->dtype, t->data, n, f);
+        void *dst = f;
+        if (!s && dt != LORA_DTYPE_F32) {
+            uint16_t *h = lora_malloc(ctx, (size_t)n * 2 + 1);
+            if (!h) s = LORA_E_NOMEM;
+            else {
+                for (int64_t j = 0; j < n; j++) h[j] = dt == LORA_DTYPE_F16 ? lora_f32_to_f16(f[j]) : lora_f32_to_bf16(f[j]);
+                lora_free(ctx, f);
+                f = NULL;
+                dst = h;
+            }
+        }
+        if (s) { lora_free(ctx, f); return s; }
+        if (t->owned) lora_free(ctx, t->data);
+        t->data = dst;
+        t->owned = 1;
+        t->dtype = dt;
+        t->nbytes = (uint64_t)n * (dt == LORA_DTYPE_F32 ? 4u : 2u);
+    }
+    return LORA_OK;
+}
+
+lora_status ops_cast_model(struct sd_model *m, lora_dtype dt) {
+    if (dt != LORA_DTYPE_F32 && dt != LORA_DTYPE_F16 && dt != LORA_DTYPE_BF16)
+        return lora_fail(m->ctx, LORA_E_CONFIG_RANGE, "merge precision must be float32, float16 or bfloat16 (got %s)",
+                         lora_dtype_name(dt) ? lora_dtype_name(dt) : "?");
+    LORA_TRY(cast_map(m->ctx, &m->te, dt));
+    return cast_map(m->ctx, &m->unet, dt);
+}
+
+lora_status ops_merge_into_model(struct sd_model *m, const struct lora_network *const *nets, const double *ratios,
+                                 int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(ratios[i]))
+            return lora_fail(m->ctx, LORA_E_CONFIG_RANGE, "ratio %lld is not finite", (long long)i);
+        int64_t matched = 0;
+        LORA_TRY(net_coverage(nets[i], m, &matched, NULL, NULL));
+        LORA_TRY(net_merge(nets[i], m, ratios[i]));
+        LORA_TRY(lora_progress(m->ctx, LORA_PHASE_MERGE, i + 1, n, NAN));
+    }
+    return LORA_OK;
+}
+
+/* ---- LoRA + LoRA ---------------------------------------------------------------------------- */
+
+struct mslot {               /* one output module while merging */
+    const struct net_module *first;
+    double base_alpha;
+    float *w;                /* svd: dense sum [out, in*kh*kw] */
+    int64_t idx;             /* kohya rule: index in the output network */
+};
+
+static lora_status merge_kohya(lora_ctx *ctx, const struct lora_network *const *nets, const double *ratios, int64_t n,
+                               struct lora_network *o, struct mslot *sl, int64_t ns) {
+    lora_status s = LORA_OK;
+    for (int64_t j = 0; j < ns && !s; j++) {
+        const struct net_module *f = sl[j].first;
+        s = init_module(ctx, &o->m[o->n], f->name, f->is_te, f->kind, f->rank, f->in, f->out, f->kh, f->kw);
+        o->m[o->n].down_ndim = f->down_ndim;
+        o->m[o->n].up_ndim = f->up_ndim;
+        o->m[o->n].alpha = sl[j].base_alpha;
+        o->n++;
+    }
+    uint8_t *seen = s ? NULL : lora_calloc(ctx, (size_t)ns + 1, 1);
+    if (!s && !seen) s = LORA_E_NOMEM;
+    for (int64_t i = 0; i < n && !s; i++) {
+        for (int64_t k = 0; k < nets[i]->n && !s; k++) {
+            const struct net_module *mm = &nets[i]->m[k];
+            int64_t j = net_find(o, mm->name);
+            struct net_module *d = &o->m[j];
+            if (mm->rank != d->rank || mm->in != d->in || mm->out != d->out || mm->kh != d->kh || mm->kw != d->kw) {
+                s = lora_fail(ctx, LORA_E_SHAPE_MISMATCH,
+                              "LoRA %lld module '%s': rank %lld [%lld, %lld, %lld, %lld] differs from the first file's "
+                              "rank %lld [%lld, %lld, %lld, %lld] (v1 and v2, or different dims, cannot be merged "
+                              "without new_rank)",
+                              (long long)i, mm->name, (long long)mm->rank, (long long)mm->out, (long long)mm->in,
+                              (long long)mm->kh, (long long)mm->kw, (long long)d->rank, (long long)d->out,
+                              (long long)d->in, (long long)d->kh, (long long)d->kw);
+                break;
+            }
+            double alpha = mm->has_alpha ? mm->alpha : (double)mm->rank;
+            float sc = (float)(sqrt(alpha / d->alpha) * ratios[i]);
+            int64_t nd = mm->rank * mm->in * mm->kh * mm->kw, nu = mm->out * mm->rank;
+            if (!seen[j]) {
+                for (int64_t e = 0; e < nd; e++) d->down[e] = mm->down[e] * sc;
+                for (int64_t e = 0; e < nu; e++) d->up[e] = mm->up[e] * sc;
+                seen[j] = 1;
+            } else {
+                for (int64_t e = 0; e < nd; e++) { float p = mm->down[e] * sc; d->down[e] = d->down[e] + p; }
+                for (int64_t e = 0; e < nu; e++) { float p = mm->up[e] * sc; d->up[e] = d->up[e] + p; }
+            }
+        }
+        if (!s) s = lora_progress(ctx, LORA_PHASE_MERGE, i + 1, n, NAN);
+    }
+    lora_free(ctx, seen);
+    for (int64_t j = 0; j < o->n; j++) set_nn(&o->m[j]);
+    return s;
+}
+
+static lora_status merge_svd(lora_ctx *ctx, const struct lora_network *const *nets, const double *ratios, int64_t n,
+                             int64_t new_rank, int64_t new_conv_rank, struct lora_network *o, struct mslot *sl,
+                             int64_t ns) {
+    lora_status s = LORA_OK;
+    for (int64_t j = 0; j < ns && !s; j++) {
+        const struct net_module *f = sl[j].first;
+        sl[j].w = lora_calloc(ctx, (size_t)(f->out * f->in * f->kh * f->kw), 4);
+        if (!sl[j].w) s = LORA_E_NOMEM;
+    }
+    for (int64_t i = 0; i < n && !s; i++)
+        for (int64_t k = 0; k < nets[i]->n && !s; k++) {
+            const struct net_module *mm = &nets[i]->m[k];
+            int64_t j = 0;
+            while (strcmp(sl[j].first->name, mm->name) != 0) j++;
+            const struct net_module *f = sl[j].first;
+            if (mm->in != f->in || mm->out != f->out || mm->kh != f->kh || mm->kw != f->kw) {
+                s = lora_fail(ctx, LORA_E_SHAPE_MISMATCH, "LoRA %lld module '%s': [%lld, %lld, %lld, %lld] differs from "
+                              "[%lld, %lld, %lld, %lld] in an earlier file", (long long)i, mm->name,
+                              (long long)mm->out, (long long)mm->in, (long long)mm->kh, (long long)mm->kw,
+                              (long long)f->out, (long long)f->in, (long long)f->kh, (long long)f->kw);
+                break;
+            }
+            add_product(sl[j].w, mm, (float)(ratios[i] * mod_scale(mm)));
+        }
+    for (int64_t j = 0; j < ns && !s; j++) {
+        const struct net_module *f = sl[j].first;
+        int kxk = f->kh * f->kw > 1;
+        int64_t r = kxk ? new_conv_rank : new_rank;
+        if (r > f->in) r = f->in;
+        if (r > f->out) r = f->out;
+        struct net_module *d = &o->m[o->n];
+        s = init_module(ctx, d, f->name, f->is_te, f->kind, r, f->in, f->out, f->kh, f->kw);
+        o->n++;
+        if (s) break;
+        d->down_ndim = d->up_ndim = (f->down_ndim == 4 || kxk) ? 4 : 2;
+        d->alpha_dtype = LORA_DTYPE_I64;   /* torch.tensor(module_new_rank) */
+        s = factor(ctx, f->name, sl[j].w, f->out, f->in * f->kh * f->kw, r, d->up, d->down);
+        if (!s) s = clamp_quantile(ctx, d->up, f->out * r, d->down, r * f->in * f->kh * f->kw, 0.99);
+        set_nn(d);
+        if (!s) s = lora_progress(ctx, LORA_PHASE_MERGE, j + 1, ns, NAN);
+    }
+    return s;
+}
+
+lora_status ops_merge_networks(lora_ctx *ctx, const struct lora_network *const *nets, const double *ratios,
+                               int64_t n, int64_t new_rank, int64_t new_conv_rank, struct lora_network **out) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(ratios[i])) return lora_fail(ctx, LORA_E_CONFIG_RANGE, "ratio %lld is not finite", (long long)i);
+        total += nets[i]->n;
+    }
+    struct mslot *sl = lora_calloc(ctx, (size_t)total + 1, sizeof *sl);
+    if (!sl) return LORA_E_NOMEM;
+    int64_t ns = 0;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t k = 0; k < nets[i]->n; k++) {
+            const struct net_module *mm = &nets[i]->m[k];
+            int64_t j = 0;
+            while (j < ns && strcmp(sl[j].first->name, mm->name) != 0) j++;
+            if (j == ns) {
+                sl[ns].first = mm;
+                sl[ns].base_alpha = mm->has_alpha ? mm->alpha : (double)mm->rank;
+                ns++;
+            }
+        }
+    struct lora_network *o = NULL;
+    lora_status s = new_net(ctx, ns, &o);
+    if (!s) {
+        if (new_rank <= 0) s = merge_kohya(ctx, nets, ratios, n, o, sl, ns);
+        else s = merge_svd(ctx, nets, ratios, n, new_rank, new_conv_rank > 0 ? new_conv_rank : new_rank, o, sl, ns);
+    }
+    for (int64_t j = 0; j < ns; j++) lora_free(ctx, sl[j].w);
+    lora_free(ctx, sl);
+    if (!s && o->n) {
+        char b[64];
+        snprintf(b, sizeof b, "%lld", (long long)o->m[0].rank);
+        s = net_meta_set(o, "ss_network_dim", b);
+        if (!s) {
+            snprintf(b, sizeof b, "%.9g", o->m[0].alpha);
+            if (!strpbrk(b, ".e")) strcat(b, ".0");
+            s = net_meta_set(o, "ss_network_alpha", b);
+        }
+    }
+    if (s) { net_free(o); return s; }
+    *out = o;
+    return LORA_OK;
+}
+
+/* ---- extract -------------------------------------------------------------------------------- */
+
+static lora_status weight_f32(const struct sd_model *m, const struct net_target *t, float **out) {
+    const struct tensor_map *map = t->is_te ? &m->te : &m->unet;
+    int64_t i = tmap_find(map, t->weight);
+    if (i < 0) return lora_fail(m->ctx, LORA_E_SHAPE_MISMATCH, "model has no tensor '%s'", t->weight);
+    const struct lora_tensor *w = &map->t[i];
+    int64_t n = tmap_numel(w);
+    if (n != t->out * t->in * t->kh * t->kw)
+        return lora_fail(m->ctx, LORA_E_SHAPE_MISMATCH, "tensor '%s' has %lld elements (want %lld)", t->weight,
+                         (long long)n, (long long)(t->out * t->in * t->kh * t->kw));
+    *out = lora_malloc(m->ctx, (size_t)n * 4);
+    if (!*out) return LORA_E_NOMEM;
+    return net_to_f32(m->ctx, t->weight, w->dtype, w->data, n, *out);
+}
+
+lora_status ops_extract(const struct sd_model *org, const struct sd_model *tuned, int64_t dim, int64_t conv_dim,
+                        double clamp_q, double min_diff, struct lora_network **out) {
+    lora_ctx *ctx = org->ctx;
+    if (dim < 1 || conv_dim < 0)
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE, "extract: dim must be >= 1 and conv_dim >= 0 (got %lld, %lld)",
+                         (long long)dim, (long long)conv_dim);
+    if (!(clamp_q > 0 && clamp_q <= 1) || !(min_diff >= 0))
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE, "extract: clamp_quantile must be in (0, 1] and min_diff >= 0");
+    struct net_target *t = NULL, *t2 = NULL;
+    int64_t nt = 0, nt2 = 0;
+    LORA_TRY(net_targets(org, conv_dim > 0, &t, &nt));
+    lora_status s = net_targets(tuned, conv_dim > 0, &t2, &nt2);
+    if (!s && nt != nt2)
+        s = lora_fail(ctx, LORA_E_SHAPE_MISMATCH, "models differ: %lld vs %lld LoRA target modules (SD1 vs SD2?)",
+                      (long long)nt, (long long)nt2);
+    for (int64_t i = 0; i < nt && !s; i++)
+        if (strcmp(t[i].name, t2[i].name) || t[i].in != t2[i].in || t[i].out != t2[i].out || t[i].kh != t2[i].kh ||
+            t[i].kw != t2[i].kw)
+            s = lora_fail(ctx, LORA_E_SHAPE_MISMATCH, "models differ at module '%s' ('%s')", t[i].name, t[i].weight);
+    float **diff = s ? NULL : lora_calloc(ctx, (size_t)nt + 1, sizeof *diff);
+    if (!s && !diff) s = LORA_E_NOMEM;
+    /* diffs; the text encoder counts as changed if any TE module moved by more than min_diff */
+    int te_diff = 0;
+    for (int64_t i = 0; i < nt && !s; i++) {
+        float *b = NULL;
+        s = weight_f32(org, &t[i], &diff[i]);
+        if (!s) s = weight_f32(tuned, &t2[i], &b);
+        int64_t n = t[i].out * t[i].in * t[i].kh * t[i].kw;
+        for (int64_t e = 0; !s && e < n; e++) {
+            diff[i][e] = b[e] - diff[i][e];
+            if (t[i].is_te && fabsf(diff[i][e]) > min_diff) te_diff = 1;
+        }
+        lora_free(ctx, b);
+    }
+    if (!s && !te_diff) lora_log(ctx, LORA_LOG_INFO, "text encoder is the same: extracting the U-Net only");
+    struct lora_network *o = NULL;
+    if (!s) s = new_net(ctx, nt, &o);
+    for (int64_t i = 0; i < nt && !s; i++) {
+        if (t[i].is_te && !te_diff) continue;
+        int kxk = t[i].kind == NET_CONVKXK;
+        int64_t r = kxk && conv_dim > 0 ? conv_dim : dim;
+        if (r > t[i].in) r = t[i].in;
+        if (r > t[i].out) r = t[i].out;
+        struct net_module *d = &o->m[o->n++];
+        s = init_module(ctx, d, t[i].name, t[i].is_te, t[i].kind, r, t[i].in, t[i].out, t[i].kh, t[i].kw);
+        if (s) break;
+        d->alpha_dtype = LORA_DTYPE_I64;   /* torch.tensor(down.size()[0]) */
+        int64_t k = t[i].in * t[i].kh * t[i].kw;
+        s = factor(ctx, t[i].name, diff[i], t[i].out, k, r, d->up, d->down);
+        if (!s) s = clamp_quantile(ctx, d->up, t[i].out * r, d->down, r * k, clamp_q);
+        set_nn(d);
+        if (!s) s = lora_progress(ctx, LORA_PHASE_EXTRACT, i + 1, nt, NAN);
+    }
+    char b[32];
+    snprintf(b, sizeof b, "%lld", (long long)dim);
+    if (!s) s = net_meta_set(o, "ss_network_module", "networks.lora");
+    if (!s) s = net_meta_set(o, "ss_network_dim", b);
+    if (!s) s = net_meta_set(o, "ss_network_alpha", b);
+    for (int64_t i = 0; diff && i < nt; i++) lora_free(ctx, diff[i]);
+    lora_free(ctx, diff);
+    lora_free(ctx, t);
+    lora_free(ctx, t2);
+    if (s) { net_free(o); return s; }
+    *out = o;
+    return LORA_OK;
+}
+
+/* ---- resize --------------------------------------------------------------------------------- */
+
+/* torch.searchsorted(seq, v) (left): first index with seq[i] >= v. */
+static int64_t searchsorted(const float *seq, int64_t n, float v) {
+    int64_t i = 0;
+    while (i < n && seq[i] < v) i++;
+    return i;
+}
+
+static int64_t rank_resize(const float *S, int64_t ns, int64_t rank, int32_t method, double param, float *work) {
+    int64_t r = rank;
+    if (method == 1) {   /* sv_ratio */
+        float min_sv = S[0] / (float)param;
+        r = 0;
+        for (int64_t i = 0; i < ns; i++) r += S[i] > min_sv;
+        if (r < 1) r = 1;
+    } else if (method == 2 || method == 3) {   /* sv_fro / sv_cumulative */
+        float sum = 0.f;
+        for (int64_t i = 0; i < ns; i++) { work[i] = method == 2 ? S[i] * S[i] : S[i]; }
+        for (int64_t i = 0; i < ns; i++) sum += work[i];
+        float c = 0.f;
+        for (int64_t i = 0; i < ns; i++) { c += work[i]; work[i] = c / sum; }
+        double target = method == 2 ? param * param : param;
+        r = searchsorted(work, ns, (float)target) + 1;
+        if (r >= ns) r = ns - 1;
+        if (r < 1) r = 1;
+        if (method == 2 && r > ns - 1) r = ns - 1;
+    }
+    if (S[0] <= 1e-6f) r = 1;
+    else if (r > rank) r = rank;
+    return r;
+}
+
+lora_status ops_resize(const struct lora_network *net, int64_t new_rank, int32_t method, double param,
+                       struct lora_network **out) {
+    lora_ctx *ctx = net->ctx;
+    if (new_rank < 1) return lora_fail(ctx, LORA_E_CONFIG_RANGE, "resize: new_rank must be >= 1 (got %lld)", (long long)new_rank);
+    if (method < 0 || method > 3 || (method && !(param > 0 && isfinite(param))))
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE, "resize: unknown dynamic method %d or bad dynamic_param %g", (int)method, param);
+    /* kohya (FEB..): one scale for the whole file, first alpha over the first 2-D module's rank */
+    double net_alpha = -1, net_dim = -1;
+    for (int64_t i = 0; i < net->n; i++) {
+        if (net_alpha < 0 && net->m[i].has_alpha) net_alpha = net->m[i].alpha;
+        if (net_dim < 0 && net->m[i].down_ndim == 2) net_dim = (double)net->m[i].rank;
+    }
+    if (net_dim < 0) net_dim = net->n ? (double)net->m[0].rank : 1;
+    if (net_alpha < 0) net_alpha = net_dim;
+    double scale = net_alpha / net_dim;
+    struct lora_network *o = NULL;
+    LORA_TRY(new_net(ctx, net->n, &o));
+    lora_status s = LORA_OK;
+    double fro_sum = 0;
+    for (int64_t i = 0; i < net->n && !s; i++) {
+        const struct net_module *mm = &net->m[i];
+        int64_t m = mm->out, k = mm->in * mm->kh * mm->kw, ns = m < k ? m : k;
+        float *full = lora_calloc(ctx, (size_t)(m * k), 4);
+        float *u = NULL, *S = NULL, *vt = NULL, *work = NULL;
+        if (!full) { s = LORA_E_NOMEM; break; }
+        struct net_module unit = *mm;
+        unit.alpha = (double)mm->rank;
+        unit.has_alpha = 1;
+        add_product(full, &unit, 1.0f);
+        s = svd(ctx, mm->name, full, m, k, &u, &S, &vt);
+        work = s ? NULL : lora_malloc(ctx, (size_t)ns * 4);
+        if (!s && !work) s = LORA_E_NOMEM;
+        if (!s) {
+            int64_t r = rank_resize(S, ns, new_rank, method, param, work);
+            if (r > ns) r = ns;
+            struct net_module *d = &o->m[o->n++];
+            s = init_module(ctx, d, mm->name, mm->is_te, mm->kind, r, mm->in, mm->out, mm->kh, mm->kw);
+            if (!s) {
+                d->down_ndim = mm->down_ndim;
+                d->up_ndim = mm->up_ndim;
+                d->dtype = mm->dtype;
+                d->alpha_dtype = mm->dtype == LORA_DTYPE_F32 ? LORA_DTYPE_F32 : mm->dtype;
+                d->alpha = (double)(float)(scale * (double)r);
+                for (int64_t a = 0; a < m; a++)
+                    for (int64_t j = 0; j < r; j++) d->up[a * r + j] = u[a * ns + j] * S[j];
+                memcpy(d->down, vt, (size_t)(r * k) * 4);
+                set_nn(d);
+                double all = 0, kept = 0;
+                for (int64_t j = 0; j < ns; j++) { all += (double)S[j] * S[j]; if (j < r) kept += (double)S[j] * S[j]; }
+                double fro = all > 0 ? sqrt(kept / all) : 1.0;
+                fro_sum += fro;
+                lora_log(ctx, LORA_LOG_INFO, "%s: rank %lld -> %lld, alpha %g, Frobenius norm retained %.1f%%", mm->name,
+                         (long long)mm->rank, (long long)r, d->alpha, 100.0 * fro);
+            }
+        }
+        lora_free(ctx, full); lora_free(ctx, u); lora_free(ctx, S); lora_free(ctx, vt); lora_free(ctx, work);
+        if (!s) s = lora_progress(ctx, LORA_PHASE_MERGE, i + 1, net->n, NAN);
+    }
+    if (!s && net->n) lora_log(ctx, LORA_LOG_INFO, "average Frobenius norm retained: %.2f%%", 100.0 * fro_sum / (double)net->n);
+    for (int64_t i = 0; i < net->n_meta && !s; i++) s = net_meta_set(o, net->meta_keys[i], net->meta_vals[i]);
+    if (!s) {
+        char b[64], c[600];
+        const char *old = net_meta_get(net, "ss_network_dim");
+        snprintf(b, sizeof b, "%lld", (long long)new_rank);
+        if (method) s = net_meta_set(o, "ss_network_dim", "Dynamic");
+        else s = net_meta_set(o, "ss_network_dim", b);
+        if (!s) {
+            if (method) s = net_meta_set(o, "ss_network_alpha", "Dynamic");
+            else {
+                snprintf(b, sizeof b, "%.9g", scale * (double)new_rank);
+                if (!strpbrk(b, ".e")) strcat(b, ".0");
+                s = net_meta_set(o, "ss_network_alpha", b);
+            }
+        }
+        const char *com = net_meta_get(net, "ss_training_comment");
+        snprintf(c, sizeof c, "dimension is resized from %s to %lld%s%s", old ? old : "?", (long long)new_rank,
+                 com ? "; " : "", com ? com : "");
+        if (!s) s = net_meta_set(o, "ss_training_comment", c);
+    }
+    if (s) { net_free(o); return s; }
+    *out = o;
+    return LORA_OK;
+}
