@@ -7,10 +7,34 @@
 #        scripts/bench.sh load [reps] checkpoint load against safetensors/torch.load (needs
 #                                     tests/reference/.venv, see tests/reference/README.md;
 #                                     writes ~4.3 GB of SD 1.5-sized files under build-bench/)
+#        scripts/bench.sh unet [reps] SD1.5-shaped U-Net forward / forward+backward against
+#                                     diffusers on PyTorch CPU (needs tests/reference/.venv)
 #        scripts/bench.sh tokenizer [reps] CLIP tokenizer prompts/s against transformers (+ ftfy)
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
+# scripts/bench.sh unet [reps]: SD1.5-shaped U-Net forward and forward+backward (input grads)
+# against diffusers UNet2DConditionModel on PyTorch CPU (needs tests/reference/.venv)
+if [ "${1:-}" = "unet" ]; then
+    reps=${2:-1}
+    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+    ninja -C build-bench bench/bench_unet >/dev/null
+    py=tests/reference/.venv/bin/python
+    [ -f build-bench/sd15_random.safetensors ] || $py bench/load_peer.py write build-bench
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+    ours=$(mktemp); peer=$(mktemp)
+    trap 'rm -f "$ours" "$peer"' EXIT
+    build-bench/bench/bench_unet "$reps" > "$ours"
+    $py bench/unet_peer.py "$reps" "$(nproc)" > "$peer"
+    grep '^#' "$ours"; grep '^#' "$peer"
+    printf '%-14s %12s %12s %8s\n' case "liblora s" "pytorch s" ratio
+    grep -v '^#' "$ours" | while read -r name v; do
+        p=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
+        printf '%-14s %12s %12s %8s\n' "$name" "$v" "${p:--}" "$(awk -v a="$v" -v b="$p" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", b / a; else print "-" }')"
+    done
+    echo "(ratio = pytorch time / liblora time: > 1 means liblora is faster, this machine, this run)"
+    exit 0
+fi
 # scripts/bench.sh tokenizer [reps]: CLIP tokenizer prompts/s against transformers' slow
 # CLIPTokenizer with ftfy (the peer needs tests/reference/.venv, see tests/reference/README.md)
 if [ "${1:-}" = "tokenizer" ]; then

@@ -7,7 +7,19 @@
  *   unet_plan_init(&p, &m, batch, h, w, tokens)     latent h x w (multiples of 2^(levels-1))
  *   unet_forward(&p, sample, timesteps, context, out)
  * sample/out [batch, in/out ch, h, w], context [batch, tokens, context_dim]: buffers of the
- * backend; timesteps: host floats [batch]. Forward only (no backward yet). */
+ * backend; timesteps: host floats [batch].
+ *
+ * Training (input gradients, LoRA gradients, optional base-weight gradients of the Linear and
+ * proj layers of the transformers):
+ *   unet_plan_init_ex(&p, &m, batch, h, w, tokens, 1, max_rank)   train plan (one allocation)
+ *   unet_set_adapters(&p, &ad)        LoRA / dW per transformer target (NULL: none)
+ *   unet_forward(&p, ...)             saves every block's input (context is borrowed: it must
+ *                                     stay unchanged until the backward)
+ *   unet_backward(&p, dout, d_sample, d_context)
+ * The backward recomputes each block's internals from its saved input (per-block
+ * checkpointing) and then runs the block backward; base weights are frozen. d_sample and
+ * d_context are written (either may be NULL); LoRA d_down/d_up and dW accumulate. One backward
+ * per forward. */
 #ifndef LORA_MODEL_UNET_H
 #define LORA_MODEL_UNET_H
 
@@ -19,7 +31,8 @@ struct unet_tblock {
     const float *ln3g, *ln3b, *f1w, *f1b, *f2w, *f2b;
 };
 struct unet_xf {
-    int64_t c, heads;
+    int64_t c, heads, index;    /* index: forward order (down, mid, up) */
+    char name[48];              /* diffusers prefix, e.g. "down_blocks.0.attentions.1" */
     const float *gng, *gnb, *piw, *pib, *pow_, *pob;
     struct unet_tblock tb;
 };
@@ -39,6 +52,26 @@ struct unet_model {
     struct unet_xf uxf[SD_MAX_LEVELS][IMG_MAX_LAYERS + 1];
     const float *uconv_w[SD_MAX_LEVELS], *uconv_b[SD_MAX_LEVELS];
     const float *no_g, *no_b, *cout_w, *cout_b;
+    int64_t n_xf;
+    const struct unet_xf *xf[64];   /* every transformer in forward order */
+};
+
+/* LoRA targets of a transformer (kohya's U-Net targets: Transformer2DModel's Linear / 1x1
+ * conv layers). */
+enum unet_target {
+    UNET_T_Q1, UNET_T_K1, UNET_T_V1, UNET_T_O1,     /* attn1.to_q/k/v, attn1.to_out.0 */
+    UNET_T_Q2, UNET_T_K2, UNET_T_V2, UNET_T_O2,     /* attn2.* (k2/v2 read the context) */
+    UNET_T_FF0, UNET_T_FF2,                         /* ff.net.0.proj, ff.net.2 */
+    UNET_T_PROJ_IN, UNET_T_PROJ_OUT,
+    UNET_T_N
+};
+extern const char *const unet_target_names[UNET_T_N];   /* "attn1.to_q", ..., "proj_in" */
+/* Per transformer (unet_model.xf order) and target: a LoRA adapter (forward and backward;
+ * its rank <= the plan's max_rank) and/or a base-weight gradient [out, in] (accumulated in
+ * the backward). NULL: none. */
+struct unet_adapters {
+    const struct nn_lora *lora[64][UNET_T_N];
+    float *dw[64][UNET_T_N];
 };
 
 lora_status unet_init(struct unet_model *m, struct lora_backend_impl *be,
@@ -46,9 +79,22 @@ lora_status unet_init(struct unet_model *m, struct lora_backend_impl *be,
 void unet_free(struct unet_model *m);
 
 #define UNET_MAX_SKIPS (1 + SD_MAX_LEVELS * (IMG_MAX_LAYERS + 1))
+#define UNET_MAX_SLOTS (4 * SD_MAX_LEVELS * (IMG_MAX_LAYERS + 1) + 4)
+#define UNET_NTOK 20
 struct unet_plan {
     const struct unet_model *m;
     int64_t batch, h, w, tokens;
+    int train;
+    int64_t max_rank, tok_floats;
+    const struct unet_adapters *ad;
+    const float *ctx;                  /* the forward's context (train) */
+    float *lh, *ldh;                   /* LoRA down activations / their gradient */
+    float *tok[UNET_NTOK];             /* transformer recompute + gradient buffers */
+    float *dff1, *dff2, *dck, *dcv, *gm, *gr, *sm[3], *sr[3], *rm[2], *rr[2];
+    float *slot[UNET_MAX_SLOTS];       /* saved block inputs */
+    float *dskip[UNET_MAX_SKIPS];
+    int64_t nslot;
+    uint64_t bytes;
     struct img_ws ws;
     float *ff1, *ff2, *ck, *cv, *lnm, *lnr, *tvec, *tvec_host;
     float *skip[UNET_MAX_SKIPS];
@@ -57,7 +103,16 @@ struct unet_plan {
 };
 lora_status unet_plan_init(struct unet_plan *p, const struct unet_model *m, int64_t batch,
                            int64_t h, int64_t w, int64_t tokens);
+/* train: also the backward buffers; max_rank: the largest LoRA rank used (0: none). */
+lora_status unet_plan_init_ex(struct unet_plan *p, const struct unet_model *m, int64_t batch,
+                              int64_t h, int64_t w, int64_t tokens, int train, int64_t max_rank);
 void unet_plan_free(struct unet_plan *p);
+/* Adapters used by the next forward and backward (NULL: none); borrowed. */
+lora_status unet_set_adapters(struct unet_plan *p, const struct unet_adapters *ad);
+/* dout [batch, out_ch, h, w]: the loss gradient of the last forward's output. */
+lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sample, float *d_context);
+/* bytes of the plan's work allocation */
+uint64_t unet_plan_bytes(const struct unet_plan *p);
 lora_status unet_forward(struct unet_plan *p, const float *sample, const float *timesteps,
                          const float *context, float *out);
 

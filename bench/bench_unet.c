@@ -1,0 +1,111 @@
+/* SD 1.5-shaped U-Net (860M parameters, random weights from build-bench/sd15_random.safetensors,
+ * written by bench/load_peer.py) on the CPU backend: 64x64 latent, batch 1, 77-token context.
+ * Cases: forward (inference plan) and forward + backward to the input latent and the context
+ * (train plan, base weights frozen). Prints "# ..." lines and "name seconds" (median of reps);
+ * scripts/bench.sh unet pairs them with bench/unet_peer.py (diffusers UNet2DConditionModel on
+ * PyTorch CPU). Not a test.
+ * usage: bench_unet [reps] [checkpoint] */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench_util.h"
+
+#include "internal.h"
+#include "backend/backend.h"
+#include "model/sd_model.h"
+#include "model/unet.h"
+
+#define UNET_FWD_GFLOP 803.0   /* SD1.5 U-Net forward at 64x64, batch 1, 77 tokens (spec) */
+
+static uint64_t vm_hwm_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    uint64_t kb = 0;
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %llu", (unsigned long long *)&kb) == 1) break;
+    fclose(f);
+    return kb;
+}
+
+static void fill(float *x, int64_t n, uint64_t seed) {
+    for (int64_t i = 0; i < n; i++) {
+        seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
+        x[i] = (float)((seed >> 40) / (double)(1ull << 24)) * 2.0f - 1.0f;
+    }
+}
+
+int main(int argc, char **argv) {
+    int reps = argc > 1 ? atoi(argv[1]) : 1;
+    const char *ck = argc > 2 ? argv[2] : "build-bench/sd15_random.safetensors";
+    if (reps < 1) reps = 1;
+    if (reps > 16) reps = 16;
+    lora_ctx *ctx = NULL;
+    if (lora_ctx_create(LORA_ABI_VERSION, &ctx) != LORA_OK) return 1;
+    lora_model *model = NULL;
+    if (lora_model_load(ctx, ck, NULL, &model) != LORA_OK) {
+        fprintf(stderr, "bench_unet: %s: %s (run bench/load_peer.py write build-bench)\n", ck, lora_errmsg(ctx));
+        return 1;
+    }
+    struct unet_model m;
+    if (unet_init(&m, ctx->backend, &model->sd.unet, &model->sd.cfg) != LORA_OK) {
+        fprintf(stderr, "bench_unet: unet_init: %s\n", lora_errmsg(ctx));
+        return 1;
+    }
+    const int64_t B = 1, H = 64, W = 64, T = 77, X = m.ctx_dim, C = m.in_ch;
+    uint64_t host0 = 0, peak = 0;
+    lora_ctx_memory(ctx, &host0, NULL, NULL, NULL);
+    printf("# SD1.5-shaped U-Net (random weights from %s), latent %lldx%lld, batch %lld, %lld tokens\n", ck,
+           (long long)H, (long long)W, (long long)B, (long long)T);
+    printf("# threads(ctx): %d; host bytes after loading (checkpoint + fp32 U-Net): %.2f GiB\n", ctx->n_threads,
+           host0 / 1073741824.0);
+    float *x = malloc((size_t)(B * C * H * W) * 4), *out = malloc((size_t)(B * m.out_ch * H * W) * 4);
+    float *ctxt = malloc((size_t)(B * T * X) * 4), *dx = malloc((size_t)(B * C * H * W) * 4);
+    float *dctx = malloc((size_t)(B * T * X) * 4), *dout = malloc((size_t)(B * m.out_ch * H * W) * 4);
+    float t[1] = {500.0f};
+    fill(x, B * C * H * W, 1);
+    fill(ctxt, B * T * X, 2);
+    fill(dout, B * m.out_ch * H * W, 3);
+    double ts[16];
+    {
+        struct unet_plan p;
+        if (unet_plan_init(&p, &m, B, H, W, T) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
+        printf("# forward plan: %.2f GiB\n", unet_plan_bytes(&p) / 1073741824.0);
+        for (int r = 0; r < reps; r++) {
+            double s = bench_now();
+            if (unet_forward(&p, x, t, ctxt, out) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
+            ts[r] = bench_now() - s;
+        }
+        double f = bench_median(ts, reps);
+        lora_ctx_memory(ctx, NULL, &peak, NULL, NULL);
+        printf("# forward: %.1f GFLOP/s (803 GFLOP), host peak %.2f GiB, plan-only %.2f GiB, VmHWM %.2f GiB\n",
+               UNET_FWD_GFLOP / f, peak / 1073741824.0, (peak - host0) / 1073741824.0, vm_hwm_kb() / 1048576.0);
+        printf("unet_fwd %.3f\n", f);
+        unet_plan_free(&p);
+    }
+    {
+        struct unet_plan p;
+        if (unet_plan_init_ex(&p, &m, B, H, W, T, 1, 0) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
+        printf("# train plan: %.2f GiB\n", unet_plan_bytes(&p) / 1073741824.0);
+        for (int r = 0; r < reps; r++) {
+            double s = bench_now();
+            if (unet_forward(&p, x, t, ctxt, out) != LORA_OK || unet_backward(&p, dout, dx, dctx) != LORA_OK) {
+                fprintf(stderr, "%s\n", lora_errmsg(ctx));
+                return 1;
+            }
+            ts[r] = bench_now() - s;
+        }
+        double f = bench_median(ts, reps);
+        lora_ctx_memory(ctx, NULL, &peak, NULL, NULL);
+        printf("# forward+backward (input grads, per-block recompute): %.1f GFLOP/s counting 3x803 GFLOP, host peak "
+               "%.2f GiB, VmHWM %.2f GiB\n", 3 * UNET_FWD_GFLOP / f, peak / 1073741824.0, vm_hwm_kb() / 1048576.0);
+        printf("unet_fwd_bwd %.3f\n", f);
+        unet_plan_free(&p);
+    }
+    free(x); free(out); free(ctxt); free(dx); free(dctx); free(dout);
+    unet_free(&m);
+    lora_model_free(model);
+    lora_ctx_free(ctx);
+    return 0;
+}
