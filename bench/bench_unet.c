@@ -84,10 +84,13 @@ int main(int argc, char **argv) {
         printf("unet_fwd %.3f\n", f);
         unet_plan_free(&p);
     }
-    {
+    /* gradient_checkpointing on (per-block recompute), then off (save all): host peak is a
+     * high-water mark, so the smaller plan runs first */
+    for (int mode = UNET_TRAIN_CHECKPOINT; mode <= UNET_TRAIN_SAVE_ALL; mode++) {
         struct unet_plan p;
-        if (unet_plan_init_ex(&p, &m, B, H, W, T, 1, 0) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
-        printf("# train plan: %.2f GiB\n", unet_plan_bytes(&p) / 1073741824.0);
+        if (unet_plan_init_ex(&p, &m, B, H, W, T, mode, 0) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
+        printf("# train plan (%s): %.2f GiB\n", mode == UNET_TRAIN_CHECKPOINT ? "gradient_checkpointing" :
+               "no checkpointing", unet_plan_bytes(&p) / 1073741824.0);
         for (int r = 0; r < reps; r++) {
             double s = bench_now();
             if (unet_forward(&p, x, t, ctxt, out) != LORA_OK || unet_backward(&p, dout, dx, dctx) != LORA_OK) {
@@ -98,9 +101,10 @@ int main(int argc, char **argv) {
         }
         double f = bench_median(ts, reps);
         lora_ctx_memory(ctx, NULL, &peak, NULL, NULL);
-        printf("# forward+backward (input grads, per-block recompute): %.1f GFLOP/s counting 3x803 GFLOP, host peak "
-               "%.2f GiB, VmHWM %.2f GiB\n", 3 * UNET_FWD_GFLOP / f, peak / 1073741824.0, vm_hwm_kb() / 1048576.0);
-        printf("unet_fwd_bwd %.3f\n", f);
+        printf("# forward+backward (input grads, %s): %.1f GFLOP/s counting 3x803 GFLOP, host peak "
+               "%.2f GiB, VmHWM %.2f GiB\n", mode == UNET_TRAIN_CHECKPOINT ? "per-block recompute" : "all saved",
+               3 * UNET_FWD_GFLOP / f, peak / 1073741824.0, vm_hwm_kb() / 1048576.0);
+        printf("unet_fwd_bwd%s %.3f\n", mode == UNET_TRAIN_CHECKPOINT ? "" : "_nockpt", f);
         unet_plan_free(&p);
     }
     free(x); free(out); free(ctxt); free(dx); free(dctx); free(dout);

@@ -750,6 +750,56 @@ LORA_API lora_status lora_network_resize(const lora_network *net, int32_t new_ra
                                          lora_resize_method dynamic_method, double dynamic_param,
                                          lora_network **out);
 
+/* ======================================================================================
+ * U-Net and VAE for hosts: noise prediction and latent encode/decode on caller buffers, so a
+ * host (a WebUI extension, a sampler) can run its own sampling loop on the model. Each call
+ * builds, on first use, a float32 copy of the network on the context's backend and keeps it
+ * with the model, together with work buffers planned for the call's shape; a call with a new
+ * shape replans (the old plan is freed first), a call with the same shape allocates nothing.
+ * lora_model_free releases them. All arrays are float32, row-major, host memory.
+ * ====================================================================================== */
+
+/* The U-Net's output for `batch` latents `latent` [batch, in_channels (4), height, width]
+ * (height, width in latent pixels, image size / 8: positive multiples of 2^(levels - 1), 8 in
+ * SD), per-sample timesteps `timesteps` [batch] (any float: 0..999 for SD's 1000-step
+ * schedules; fractional values are allowed) and the text conditioning `context` [batch,
+ * context_tokens, context_dim] (context_dim: LORA_MODEL_CONTEXT_DIM; lora_model_encode_prompt
+ * gives one sample's; any token count, 77, 154, 231, ... for kohya's long prompts). Writes
+ * [batch, out_channels (4), height, width] to `out` (`out_cap` floats): the noise (epsilon)
+ * or v, whichever the model predicts (LORA_MODEL_PREDICTION); the caller's sampler applies its
+ * own scaling (e.g. the scheduler's scale_model_input) before the call. The input latent is
+ * the scaled one (VAE mean or sample times 0.18215, plus noise). Errors: LORA_E_INVALID_ARG
+ * (NULL array), LORA_E_CONFIG_RANGE (non-positive batch or tokens, sides that are not
+ * multiples of 2^(levels - 1)), LORA_E_LIMIT (out_cap too small), LORA_E_NONFINITE_INPUT (a NaN
+ * or infinity in latent, timesteps or context), LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0. */
+LORA_API lora_status lora_model_unet_predict(lora_model *model, const float *latent, int64_t batch,
+                                             int64_t height, int64_t width, const float *timesteps,
+                                             const float *context, int64_t context_tokens, float *out,
+                                             uint64_t out_cap);
+
+/* Encodes `n` images `image` [n, 3, height, width] with values in [-1, 1] (pixel / 127.5 - 1;
+ * height and width positive multiples of 8 in SD) into the VAE posterior: its mean to
+ * `mean_out` and its log-variance, clamped to [-30, 20] as diffusers does, to `logvar_out`
+ * (NULL: not wanted), each [n, latent_channels (4), height / 8, width / 8] and `cap` floats
+ * long. The latents are unscaled: kohya's training (and diffusers' pipelines) use
+ * 0.18215 * (mean + exp(logvar / 2) * noise) (a sample; mean alone for a deterministic
+ * latent) as the U-Net's input. Errors: LORA_E_INVALID_ARG (image or mean_out NULL),
+ * LORA_E_CONFIG_RANGE (sizes), LORA_E_LIMIT (cap too small), LORA_E_NONFINITE_INPUT,
+ * LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0. */
+LORA_API lora_status lora_model_vae_encode(lora_model *model, const float *image, int64_t n,
+                                           int64_t height, int64_t width, float *mean_out,
+                                           float *logvar_out, uint64_t cap);
+
+/* Decodes `n` unscaled latents `latent` [n, latent_channels (4), height, width] (height,
+ * width in latent pixels; divide a sampler's latent by 0.18215 first) into images [n, 3,
+ * 8 * height, 8 * width] (SD's factor 8) written to `image_out` (`cap` floats), values about
+ * [-1, 1] (not clamped: (x + 1) * 127.5, clamped to 0..255, gives pixels). Errors:
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_LIMIT, LORA_E_NONFINITE_INPUT, LORA_E_NOMEM,
+ * LORA_E_CANCELLED. Since 0.2.0. */
+LORA_API lora_status lora_model_vae_decode(lora_model *model, const float *latent, int64_t n,
+                                           int64_t height, int64_t width, float *image_out,
+                                           uint64_t cap);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,17 +16,27 @@
 #include "model/clip.h"
 #include "model/sd_model.h"
 #include "model/tokenizer.h"
+#include "model/unet.h"
+#include "model/vae.h"
+#include "backend/backend.h"
 
 
 static int model_valid(const lora_model *m) { return m && m->magic == LORA_MODEL_MAGIC; }
 
-/* The maps first: their borrowed tensors point into the mappings. */
-static void model_release_files(lora_model *m) {
+/* Drops every network built from the weights (fp32 text encoder, U-Net, VAE and their plans):
+ * called when the weights change (merges, casts) and when the model is freed. */
+void model_drop_runs(lora_model *m) {
     if (m->te_run) {
         clip_free(m->te_run);
         lora_free(m->ctx, m->te_run);
         m->te_run = NULL;
     }
+    model_drop_image_runs(m);
+}
+
+/* The maps first: their borrowed tensors point into the mappings. */
+static void model_release_files(lora_model *m) {
+    model_drop_runs(m);
     tok_free(m->tokenizer);
     m->tokenizer = NULL;
     sd_model_clear(&m->sd);
@@ -322,6 +332,243 @@ LORA_API lora_status lora_model_encode_prompt(lora_model *model, const char *pro
     LORA_TRY(lora_enter(ctx));
     lora_status s = prompt ? encode_prompt(model, prompt, opts, out, cap, tokens, width)
                            : lora_fail(ctx, LORA_E_INVALID_ARG, "lora_model_encode_prompt: prompt is NULL");
+    lora_leave(ctx);
+    return s;
+}
+
+/* ---- U-Net and VAE for hosts ----------------------------------------------------------- */
+
+/* The fp32 U-Net and, for the last (batch, h, w, tokens), its plan and the backend copies of
+ * the inputs and the output. */
+struct model_unet_run {
+    struct unet_model m;
+    struct unet_plan p;
+    int planned;
+    void *io;                   /* backend: sample, context, out */
+    float *x, *c, *o;
+};
+struct model_vae_run {
+    struct vae_model m;
+    struct vae_plan p;
+    int planned;
+    void *io;                   /* backend: image, mean, logvar (the latent for decode) */
+    float *img, *mean, *logvar;
+};
+
+static void unet_run_unplan(struct model_unet_run *r) {
+    if (r->planned) unet_plan_free(&r->p);
+    if (r->io) r->m.be->iface->buf_free(r->m.be, r->io);
+    r->planned = 0;
+    r->io = NULL;
+}
+
+static void vae_run_unplan(struct model_vae_run *r) {
+    if (r->planned) vae_plan_free(&r->p);
+    if (r->io) r->m.be->iface->buf_free(r->m.be, r->io);
+    r->planned = 0;
+    r->io = NULL;
+}
+
+void model_drop_image_runs(lora_model *m) {
+    if (m->unet_run) {
+        unet_run_unplan(m->unet_run);
+        unet_free(&m->unet_run->m);
+        lora_free(m->ctx, m->unet_run);
+        m->unet_run = NULL;
+    }
+    if (m->vae_run) {
+        vae_run_unplan(m->vae_run);
+        vae_free(&m->vae_run->m);
+        lora_free(m->ctx, m->vae_run);
+        m->vae_run = NULL;
+    }
+}
+
+static lora_status check_finite(lora_ctx *ctx, const char *what, const float *v, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i]))
+            return lora_fail(ctx, LORA_E_NONFINITE_INPUT, "%s: element %lld is not finite (%g)", what, (long long)i,
+                             (double)v[i]);
+    return LORA_OK;
+}
+
+static int64_t align16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+static lora_status unet_predict(lora_model *model, const float *latent, int64_t B, int64_t H, int64_t W,
+                                const float *timesteps, const float *context, int64_t T, float *out, uint64_t cap) {
+    lora_ctx *ctx = model->ctx;
+    const struct sd_config *cfg = &model->sd.cfg;
+    if (!latent || !timesteps || !context || !out)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "unet_predict: latent, timesteps, context and out must not be NULL");
+    int64_t f = (int64_t)1 << (cfg->n_levels > 0 ? cfg->n_levels - 1 : 0);
+    if (B < 1 || B > (1 << 16) || H < 1 || W < 1 || H > (1 << 14) || W > (1 << 14) || H % f || W % f || T < 1 ||
+        T > (1 << 16))
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE,
+                         "unet_predict: batch %lld, latent %lldx%lld, %lld context tokens: the batch and token count "
+                         "must be positive and the latent sides positive multiples of %lld",
+                         (long long)B, (long long)H, (long long)W, (long long)T, (long long)f);
+    int64_t n_in = B * cfg->unet_in_channels * H * W, n_out = B * cfg->unet_out_channels * H * W;
+    int64_t n_ctx = B * T * cfg->context_dim;
+    if (cap < (uint64_t)n_out)
+        return lora_fail(ctx, LORA_E_LIMIT, "unet_predict: the output needs %lld floats, the buffer holds %llu",
+                         (long long)n_out, (unsigned long long)cap);
+    LORA_TRY(check_finite(ctx, "unet_predict: latent", latent, n_in));
+    LORA_TRY(check_finite(ctx, "unet_predict: timesteps", timesteps, B));
+    LORA_TRY(check_finite(ctx, "unet_predict: context", context, n_ctx));
+    struct lora_backend_impl *be = ctx->backend;
+    if (!model->unet_run) {
+        struct model_unet_run *r = lora_calloc(ctx, 1, sizeof *r);
+        if (!r) return LORA_E_NOMEM;
+        lora_status s = unet_init(&r->m, be, &model->sd.unet, cfg);
+        if (s != LORA_OK) {
+            lora_free(ctx, r);
+            return s;
+        }
+        model->unet_run = r;
+    }
+    struct model_unet_run *r = model->unet_run;
+    if (!r->planned || r->p.batch != B || r->p.h != H || r->p.w != W || r->p.tokens != T) {
+        unet_run_unplan(r);
+        LORA_TRY(unet_plan_init(&r->p, &r->m, B, H, W, T));
+        r->planned = 1;
+        int64_t a = align16(n_in), b = align16(n_ctx);
+        lora_status s = be->iface->buf_alloc(be, (size_t)(a + b + n_out) * 4, &r->io);
+        if (s != LORA_OK) {
+            r->io = NULL;
+            unet_run_unplan(r);
+            return s;
+        }
+        r->x = r->io;
+        r->c = r->x + a;
+        r->o = r->c + b;
+    }
+    LORA_TRY(be->iface->upload(be, r->x, latent, (size_t)n_in * 4));
+    LORA_TRY(be->iface->upload(be, r->c, context, (size_t)n_ctx * 4));
+    LORA_TRY(unet_forward(&r->p, r->x, timesteps, r->c, r->o));
+    return be->iface->download(be, out, r->o, (size_t)n_out * 4);
+}
+
+LORA_API lora_status lora_model_unet_predict(lora_model *model, const float *latent, int64_t batch, int64_t height,
+                                             int64_t width, const float *timesteps, const float *context,
+                                             int64_t context_tokens, float *out, uint64_t out_cap) {
+    if (!model_valid(model)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = unet_predict(model, latent, batch, height, width, timesteps, context, context_tokens, out, out_cap);
+    lora_leave(ctx);
+    return s;
+}
+
+/* The VAE run with a plan for images of n x h x w (h, w image pixels). */
+static lora_status vae_ready(lora_model *model, int64_t n, int64_t h, int64_t w, const char *what) {
+    lora_ctx *ctx = model->ctx;
+    const struct sd_config *cfg = &model->sd.cfg;
+    struct lora_backend_impl *be = ctx->backend;
+    if (!model->vae_run) {
+        struct model_vae_run *r = lora_calloc(ctx, 1, sizeof *r);
+        if (!r) return LORA_E_NOMEM;
+        lora_status s = vae_init(&r->m, be, &model->sd.vae, cfg);
+        if (s != LORA_OK) {
+            lora_free(ctx, r);
+            return s;
+        }
+        model->vae_run = r;
+    }
+    struct model_vae_run *r = model->vae_run;
+    if (r->planned && r->p.batch == n && r->p.h == h && r->p.w == w) return LORA_OK;
+    vae_run_unplan(r);
+    (void)what;
+    LORA_TRY(vae_plan_init(&r->p, &r->m, n, h, w));
+    r->planned = 1;
+    int64_t f = (int64_t)1 << (r->m.levels - 1);
+    int64_t ni = align16(n * 3 * h * w), nl = align16(n * r->m.latent * (h / f) * (w / f));
+    if (r->m.in_ch > 3) ni = align16(n * r->m.in_ch * h * w);
+    lora_status s = be->iface->buf_alloc(be, (size_t)(ni + 2 * nl) * 4, &r->io);
+    if (s != LORA_OK) {
+        r->io = NULL;
+        vae_run_unplan(r);
+        return s;
+    }
+    r->img = r->io;
+    r->mean = r->img + ni;
+    r->logvar = r->mean + nl;
+    return LORA_OK;
+}
+
+static lora_status vae_sizes(lora_model *model, const char *what, int64_t n, int64_t h, int64_t w, int64_t mult) {
+    if (n < 1 || n > (1 << 16) || h < 1 || w < 1 || h > (1 << 16) || w > (1 << 16) || h % mult || w % mult)
+        return lora_fail(model->ctx, LORA_E_CONFIG_RANGE,
+                         "%s: %lld x %lldx%lld: the count must be positive and the sides positive multiples of %lld",
+                         what, (long long)n, (long long)h, (long long)w, (long long)mult);
+    return LORA_OK;
+}
+
+static int64_t vae_factor(const lora_model *model) {
+    int32_t lv = model->sd.cfg.vae_n_levels;
+    return (int64_t)1 << (lv > 0 ? lv - 1 : 0);
+}
+
+static lora_status vae_encode_host(lora_model *model, const float *image, int64_t n, int64_t h, int64_t w,
+                                   float *mean_out, float *logvar_out, uint64_t cap) {
+    lora_ctx *ctx = model->ctx;
+    if (!image || !mean_out)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "vae_encode: image and mean_out must not be NULL");
+    int64_t f = vae_factor(model), lat = model->sd.cfg.vae_latent_channels;
+    LORA_TRY(vae_sizes(model, "vae_encode", n, h, w, f));
+    int64_t n_img = n * 3 * h * w, n_lat = n * lat * (h / f) * (w / f);
+    if (cap < (uint64_t)n_lat)
+        return lora_fail(ctx, LORA_E_LIMIT, "vae_encode: the latent needs %lld floats, the buffers hold %llu",
+                         (long long)n_lat, (unsigned long long)cap);
+    LORA_TRY(check_finite(ctx, "vae_encode: image", image, n_img));
+    LORA_TRY(vae_ready(model, n, h, w, "vae_encode"));
+    struct model_vae_run *r = model->vae_run;
+    struct lora_backend_impl *be = ctx->backend;
+    LORA_TRY(be->iface->upload(be, r->img, image, (size_t)n_img * 4));
+    LORA_TRY(vae_encode(&r->p, r->img, r->mean, r->logvar));
+    LORA_TRY(be->iface->download(be, mean_out, r->mean, (size_t)n_lat * 4));
+    if (logvar_out) LORA_TRY(be->iface->download(be, logvar_out, r->logvar, (size_t)n_lat * 4));
+    return LORA_OK;
+}
+
+LORA_API lora_status lora_model_vae_encode(lora_model *model, const float *image, int64_t n, int64_t height,
+                                           int64_t width, float *mean_out, float *logvar_out, uint64_t cap) {
+    if (!model_valid(model)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = vae_encode_host(model, image, n, height, width, mean_out, logvar_out, cap);
+    lora_leave(ctx);
+    return s;
+}
+
+static lora_status vae_decode_host(lora_model *model, const float *latent, int64_t n, int64_t h, int64_t w,
+                                   float *image_out, uint64_t cap) {
+    lora_ctx *ctx = model->ctx;
+    if (!latent || !image_out)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "vae_decode: latent and image_out must not be NULL");
+    int64_t f = vae_factor(model), lat = model->sd.cfg.vae_latent_channels;
+    LORA_TRY(vae_sizes(model, "vae_decode", n, h, w, 1));
+    if (h > (1 << 16) / f || w > (1 << 16) / f)
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE, "vae_decode: a %lldx%lld latent is too large", (long long)h,
+                         (long long)w);
+    int64_t n_img = n * 3 * (h * f) * (w * f), n_lat = n * lat * h * w;
+    if (cap < (uint64_t)n_img)
+        return lora_fail(ctx, LORA_E_LIMIT, "vae_decode: the image needs %lld floats, the buffer holds %llu",
+                         (long long)n_img, (unsigned long long)cap);
+    LORA_TRY(check_finite(ctx, "vae_decode: latent", latent, n_lat));
+    LORA_TRY(vae_ready(model, n, h * f, w * f, "vae_decode"));
+    struct model_vae_run *r = model->vae_run;
+    struct lora_backend_impl *be = ctx->backend;
+    LORA_TRY(be->iface->upload(be, r->mean, latent, (size_t)n_lat * 4));
+    LORA_TRY(vae_decode(&r->p, r->mean, r->img));
+    return be->iface->download(be, image_out, r->img, (size_t)n_img * 4);
+}
+
+LORA_API lora_status lora_model_vae_decode(lora_model *model, const float *latent, int64_t n, int64_t height,
+                                           int64_t width, float *image_out, uint64_t cap) {
+    if (!model_valid(model)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = vae_decode_host(model, latent, n, height, width, image_out, cap);
     lora_leave(ctx);
     return s;
 }

@@ -140,11 +140,7 @@ LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_netw
     lora_ctx *ctx = net->ctx;
     LORA_TRY(lora_enter(ctx));
     lora_status s = net_merge(net, &model->sd, multiplier);
-    if (model->te_run) {   /* the cached fp32 text encoder no longer matches the weights */
-        clip_free(model->te_run);
-        lora_free(ctx, model->te_run);
-        model->te_run = NULL;
-    }
+    model_drop_runs(model);   /* cached fp32 networks no longer match the weights */
     if (s == LORA_OK) s = lora_progress(ctx, LORA_PHASE_MERGE, 1, 1, NAN);
     lora_leave(ctx);
     return s;

@@ -8,13 +8,6 @@
 static int net_valid(const lora_network *n) { return n && n->magic == LORA_NETWORK_MAGIC; }
 static int model_ok(const lora_model *m) { return m && m->magic == LORA_MODEL_MAGIC; }
 
-static void drop_te_cache(lora_model *model) {
-    if (model->te_run) {   /* the cached fp32 text encoder no longer matches the weights */
-        clip_free(model->te_run);
-        lora_free(model->ctx, model->te_run);
-        model->te_run = NULL;
-    }
-}
 
 static lora_status check_nets(lora_ctx *ctx, const lora_network *const *nets, const double *ratios, int64_t n) {
     if (!nets || !ratios || n < 1)
@@ -30,7 +23,7 @@ LORA_API lora_status lora_model_cast(lora_model *model, lora_dtype dtype) {
     lora_ctx *ctx = model->ctx;
     LORA_TRY(lora_enter(ctx));
     lora_status s = ops_cast_model(&model->sd, dtype);
-    drop_te_cache(model);
+    model_drop_runs(model);
     lora_leave(ctx);
     return s;
 }
@@ -42,7 +35,7 @@ LORA_API lora_status lora_merge_into_model(lora_model *model, const lora_network
     LORA_TRY(lora_enter(ctx));
     lora_status s = check_nets(ctx, nets, ratios, n);
     if (!s) s = ops_merge_into_model(&model->sd, nets, ratios, n);
-    drop_te_cache(model);
+    model_drop_runs(model);
     lora_leave(ctx);
     return s;
 }

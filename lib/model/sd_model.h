@@ -57,7 +57,15 @@ struct lora_model {
     uint64_t ckpt_map_size;
     struct clip_model *te_run;   /* text encoder ready to run, built on first encode_prompt */
     lora_tokenizer *tokenizer;   /* likewise */
+    struct model_unet_run *unet_run;   /* fp32 U-Net + a plan for the last shape (unet_predict) */
+    struct model_vae_run *vae_run;     /* fp32 VAE + a plan for the last shape (vae_encode/decode) */
 };
+
+/* Drops the cached fp32 U-Net / VAE (lora_model_unet_predict, lora_model_vae_*): call it after
+ * changing the model's weights, as for te_run. */
+void model_drop_image_runs(struct lora_model *m);
+/* Drops the text-encoder and image runs: every cached network built from the weights. */
+void model_drop_runs(struct lora_model *m);
 
 void sd_model_init(struct sd_model *m, lora_ctx *ctx);
 void sd_model_clear(struct sd_model *m);

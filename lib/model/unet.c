@@ -209,6 +209,19 @@ static int64_t slot_sizes(const struct unet_model *m, int64_t B, int64_t h, int6
     return n;
 }
 
+static void xsave_take(struct cursor *cur, struct unet_xsave *s, int64_t B, int64_t hw, int64_t C, int64_t T,
+                       int64_t groups) {
+    int64_t n = B * hw * C;
+    for (int t = 0; t < UNET_NSAVED; t++) s->tok[t] = take(cur, n);
+    s->ff1 = take(cur, 8 * n);
+    s->ff2 = take(cur, 4 * n);
+    s->ck = take(cur, B * T * C);
+    s->cv = take(cur, B * T * C);
+    for (int t = 0; t < 3; t++) { s->sm[t] = take(cur, B * hw); s->sr[t] = take(cur, B * hw); }
+    s->gm = take(cur, B * groups);
+    s->gr = take(cur, B * groups);
+}
+
 /* pass with base NULL: returns the byte count */
 static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int64_t B, int64_t h, int64_t w,
                             int64_t T, char *base) {
@@ -232,8 +245,9 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
     ws->rstd = take(cur, B * m->groups);
     ws->att = take(cur, ws->att_floats);
     for (int k = 0; k < 4; k++) ws->vec[k] = take(cur, B * (m->temb > maxc ? m->temb : maxc));
-    p->ff1 = take(cur, B * hw * 8 * maxc);
-    p->ff2 = take(cur, B * hw * 4 * maxc);
+    /* GEGLU buffers: the largest transformer's tokens x width (tokf), not full size x maxc */
+    p->ff1 = take(cur, 8 * tokf);
+    p->ff2 = take(cur, 4 * tokf);
     p->ck = take(cur, B * T * maxc);
     p->cv = take(cur, B * T * maxc);
     p->lnm = take(cur, B * hw);
@@ -260,6 +274,9 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
     if (p->train) {
         p->tok_floats = tokf;
         for (int t = 0; t < UNET_NTOK; t++) p->tok[t] = take(cur, tokf);
+        struct unet_xsave *r = &p->rec;
+        for (int t = 0; t < UNET_NSAVED; t++) r->tok[t] = p->tok[t];
+        r->ff1 = p->ff1; r->ff2 = p->ff2; r->ck = p->ck; r->cv = p->cv;
         p->dff1 = take(cur, 8 * tokf);
         p->dff2 = take(cur, 4 * tokf);
         p->dck = take(cur, B * T * maxc);
@@ -267,6 +284,22 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
         p->gm = take(cur, B * m->groups);
         p->gr = take(cur, B * m->groups);
         for (int t = 0; t < 3; t++) { p->sm[t] = take(cur, B * hw); p->sr[t] = take(cur, B * hw); }
+        for (int t = 0; t < 3; t++) { r->sm[t] = p->sm[t]; r->sr[t] = p->sr[t]; }
+        r->gm = p->gm; r->gr = p->gr;
+        if (p->train == UNET_TRAIN_SAVE_ALL) {
+            /* every transformer's intermediates, sized for its level, in forward order */
+            int64_t n = 0, L = m->levels;
+            for (int64_t i = 0; i < L; i++)
+                if (m->attn[i])
+                    for (int64_t j = 0; j < m->layers; j++) xsave_take(cur, &p->xs[n++], B, (h >> i) * (w >> i), m->ch[i], T, m->groups);
+            xsave_take(cur, &p->xs[n++], B, (h >> (L - 1)) * (w >> (L - 1)), m->ch[L - 1], T, m->groups);
+            for (int64_t i = 0; i < L; i++) {
+                int64_t lv = L - 1 - i;
+                if (m->attn[lv])
+                    for (int64_t j = 0; j <= m->layers; j++)
+                        xsave_take(cur, &p->xs[n++], B, (h >> lv) * (w >> lv), m->ch[lv], T, m->groups);
+            }
+        }
         for (int t = 0; t < 2; t++) { p->rm[t] = take(cur, B * m->groups); p->rr[t] = take(cur, B * m->groups); }
         int64_t sz[UNET_MAX_SLOTS];
         p->nslot = slot_sizes(m, B, h, w, sz);
@@ -286,7 +319,9 @@ lora_status unet_plan_init_ex(struct unet_plan *p, const struct unet_model *m, i
         return lora_fail(m->be->ctx, LORA_E_INVALID_ARG,
                          "unet plan: batch %lld, latent %lldx%lld (a multiple of %lld), %lld tokens is invalid",
                          (long long)batch, (long long)h, (long long)w, (long long)f, (long long)tokens);
-    p->train = train != 0;
+    if (train < 0 || train > UNET_TRAIN_SAVE_ALL || m->n_xf > 64)
+        return lora_fail(m->be->ctx, LORA_E_INVALID_ARG, "unet plan: train mode %d is invalid", train);
+    p->train = train;
     p->max_rank = max_rank;
     uint64_t bytes = plan_layout(p, m, batch, h, w, tokens, NULL);
     void *mem = NULL;
@@ -447,20 +482,21 @@ enum { TG, TH0, TH1, TH2, TH3, TL1, TL2, TL3, TQ, TK, TV, TA1, TQ2, TA2, TD, TDA
 /* the block's token-side forward: writes h (proj_in output, then the running residual) and,
  * with `save` (the backward's recompute), every intermediate into p->tok. */
 static lora_status xf_tokens(struct unet_plan *p, struct img_ctx *c, const struct unet_xf *x, const float *in,
-                             const float *context, int64_t hw, int save, float **h_out) {
+                             const float *context, int64_t hw, const struct unet_xsave *S, float **h_out) {
     struct lora_backend_impl *be = c->be;
     struct img_ws *ws = c->ws;
     const struct unet_tblock *t = &x->tb;
     int64_t B = p->batch, C = x->c, H = x->heads, d = C / H, n = B * hw, T = p->tokens, X = p->m->ctx_dim;
     float *g, *h0, *h1, *h2, *h3, *l1, *l2, *l3, *q, *k, *v, *a1, *q2, *a2, *tmp;
     float *m1 = p->lnm, *r1 = p->lnr, *m2 = p->lnm, *r2 = p->lnr, *m3 = p->lnm, *r3 = p->lnr;
-    float *gm = ws->mean, *gr = ws->rstd;
-    if (save) {
-        float **b = p->tok;
+    float *gm = ws->mean, *gr = ws->rstd, *ff1 = p->ff1, *ff2 = p->ff2, *ck = p->ck, *cv = p->cv;
+    if (S) {
+        float *const *b = S->tok;
         g = b[TG]; h0 = b[TH0]; h1 = b[TH1]; h2 = b[TH2]; h3 = b[TH3]; l1 = b[TL1]; l2 = b[TL2]; l3 = b[TL3];
-        q = b[TQ]; k = b[TK]; v = b[TV]; a1 = b[TA1]; q2 = b[TQ2]; a2 = b[TA2]; tmp = b[TDA];
-        m1 = p->sm[0]; r1 = p->sr[0]; m2 = p->sm[1]; r2 = p->sr[1]; m3 = p->sm[2]; r3 = p->sr[2];
-        gm = p->gm; gr = p->gr;
+        q = b[TQ]; k = b[TK]; v = b[TV]; a1 = b[TA1]; q2 = b[TQ2]; a2 = b[TA2]; tmp = p->tok[TDA];
+        m1 = S->sm[0]; r1 = S->sr[0]; m2 = S->sm[1]; r2 = S->sr[1]; m3 = S->sm[2]; r3 = S->sr[2];
+        gm = S->gm; gr = S->gr;
+        ff1 = S->ff1; ff2 = S->ff2; ck = S->ck; cv = S->cv;
     } else {
         g = ws->buf[2]; h0 = h1 = h2 = h3 = ws->buf[3]; l1 = l2 = l3 = a1 = a2 = ws->buf[4];
         q = q2 = tmp = ws->buf[5]; k = ws->buf[6]; v = ws->buf[7];
@@ -479,17 +515,17 @@ static lora_status xf_tokens(struct unet_plan *p, struct img_ctx *c, const struc
     /* cross-attention */
     LORA_TRY(nn_layernorm_forward(be, l2, m2, r2, h1, t->ln2g, t->ln2b, n, C, 1e-5f));
     LORA_TRY(lin_f(p, x, UNET_T_Q2, q2, l2, t->q2, NULL, n, C, C));
-    LORA_TRY(lin_f(p, x, UNET_T_K2, p->ck, context, t->k2, NULL, B * T, X, C));
-    LORA_TRY(lin_f(p, x, UNET_T_V2, p->cv, context, t->v2, NULL, B * T, X, C));
-    LORA_TRY(nn_mha_forward(be, a2, q2, p->ck, p->cv, B, hw, T, H, d, 0.0f, ws->att, ws->att_floats));
+    LORA_TRY(lin_f(p, x, UNET_T_K2, ck, context, t->k2, NULL, B * T, X, C));
+    LORA_TRY(lin_f(p, x, UNET_T_V2, cv, context, t->v2, NULL, B * T, X, C));
+    LORA_TRY(nn_mha_forward(be, a2, q2, ck, cv, B, hw, T, H, d, 0.0f, ws->att, ws->att_floats));
     LORA_TRY(lin_f(p, x, UNET_T_O2, tmp, a2, t->o2w, t->o2b, n, C, C));
     if (h2 != h1) LORA_TRY(be->iface->copy(be, h2, h1, (size_t)(n * C) * 4));
     LORA_TRY(nn_residual_add(be, h2, tmp, n * C));
     /* GEGLU feed-forward */
     LORA_TRY(nn_layernorm_forward(be, l3, m3, r3, h2, t->ln3g, t->ln3b, n, C, 1e-5f));
-    LORA_TRY(lin_f(p, x, UNET_T_FF0, p->ff1, l3, t->f1w, t->f1b, n, C, 8 * C));
-    LORA_TRY(nn_geglu_forward(be, p->ff2, p->ff1, n, 4 * C));
-    LORA_TRY(lin_f(p, x, UNET_T_FF2, tmp, p->ff2, t->f2w, t->f2b, n, 4 * C, C));
+    LORA_TRY(lin_f(p, x, UNET_T_FF0, ff1, l3, t->f1w, t->f1b, n, C, 8 * C));
+    LORA_TRY(nn_geglu_forward(be, ff2, ff1, n, 4 * C));
+    LORA_TRY(lin_f(p, x, UNET_T_FF2, tmp, ff2, t->f2w, t->f2b, n, 4 * C, C));
     if (h3 != h2) LORA_TRY(be->iface->copy(be, h3, h2, (size_t)(n * C) * 4));
     LORA_TRY(nn_residual_add(be, h3, tmp, n * C));
     *h_out = h3;
@@ -500,7 +536,8 @@ static lora_status xf_tokens(struct unet_plan *p, struct img_ctx *c, const struc
 static lora_status xf_forward(struct unet_plan *p, struct img_ctx *c, const struct unet_xf *x, float *y,
                               const float *in, const float *context, int64_t hw) {
     float *h = NULL;
-    LORA_TRY(xf_tokens(p, c, x, in, context, hw, 0, &h));
+    const struct unet_xsave *S = p->train == UNET_TRAIN_SAVE_ALL ? &p->xs[x->index] : NULL;
+    LORA_TRY(xf_tokens(p, c, x, in, context, hw, S, &h));
     LORA_TRY(proj_out_f(p, x, y, h, hw));
     return c->be->iface->axpby_f32(c->be, p->batch * x->c * hw, 1.0f, in, 1.0f, y);
 }
@@ -513,19 +550,24 @@ static lora_status xf_backward(struct unet_plan *p, struct img_ctx *c, const str
     const struct unet_tblock *t = &x->tb;
     int64_t B = p->batch, C = x->c, H = x->heads, d = C / H, n = B * hw, T = p->tokens, X = p->m->ctx_dim;
     float **b = p->tok, *h3 = NULL;
-    LORA_TRY(xf_tokens(p, c, x, in, context, hw, 1, &h3));
+    const struct unet_xsave *S = &p->rec;
+    if (p->train == UNET_TRAIN_SAVE_ALL) {
+        S = &p->xs[x->index];
+        h3 = S->tok[TH3];
+    } else LORA_TRY(xf_tokens(p, c, x, in, context, hw, S, &h3));
+    float *const *sv = S->tok;
     float *D = b[TD], *DA = b[TDA], *DQ = b[TDQ], *DK = b[TDK], *DV = b[TDV], *DL = b[TDL];
     LORA_TRY(proj_out_b(p, x, D, dy, h3, hw));
     /* feed-forward */
-    LORA_TRY(lin_b(p, x, UNET_T_FF2, p->dff2, D, p->ff2, t->f2w, n, 4 * C, C, 0));
-    LORA_TRY(nn_geglu_backward(be, p->dff1, p->dff2, p->ff1, n, 4 * C));
-    LORA_TRY(lin_b(p, x, UNET_T_FF0, DL, p->dff1, b[TL3], t->f1w, n, C, 8 * C, 0));
-    LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, b[TH2], p->sm[2], p->sr[2], t->ln3g, n, C, 1));
+    LORA_TRY(lin_b(p, x, UNET_T_FF2, p->dff2, D, S->ff2, t->f2w, n, 4 * C, C, 0));
+    LORA_TRY(nn_geglu_backward(be, p->dff1, p->dff2, S->ff1, n, 4 * C));
+    LORA_TRY(lin_b(p, x, UNET_T_FF0, DL, p->dff1, sv[TL3], t->f1w, n, C, 8 * C, 0));
+    LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, sv[TH2], S->sm[2], S->sr[2], t->ln3g, n, C, 1));
     /* cross-attention */
-    LORA_TRY(lin_b(p, x, UNET_T_O2, DA, D, b[TA2], t->o2w, n, C, C, 0));
-    LORA_TRY(nn_mha_backward(be, DQ, p->dck, p->dcv, DA, b[TQ2], p->ck, p->cv, B, hw, T, H, d, 0.0f, ws->att,
+    LORA_TRY(lin_b(p, x, UNET_T_O2, DA, D, sv[TA2], t->o2w, n, C, C, 0));
+    LORA_TRY(nn_mha_backward(be, DQ, p->dck, p->dcv, DA, sv[TQ2], S->ck, S->cv, B, hw, T, H, d, 0.0f, ws->att,
                              ws->att_floats));
-    LORA_TRY(lin_b(p, x, UNET_T_Q2, DL, DQ, b[TL2], t->q2, n, C, C, 0));
+    LORA_TRY(lin_b(p, x, UNET_T_Q2, DL, DQ, sv[TL2], t->q2, n, C, C, 0));
     if (dctx) {
         LORA_TRY(lin_b(p, x, UNET_T_K2, dctx, p->dck, context, t->k2, B * T, X, C, 1));
         LORA_TRY(lin_b(p, x, UNET_T_V2, dctx, p->dcv, context, t->v2, B * T, X, C, 1));
@@ -536,19 +578,19 @@ static lora_status xf_backward(struct unet_plan *p, struct img_ctx *c, const str
         if (dw_of(p, x, UNET_T_V2) || lora_of(p, x, UNET_T_V2))
             LORA_TRY(lin_b(p, x, UNET_T_V2, NULL, p->dcv, context, t->v2, B * T, X, C, 0));
     }
-    LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, b[TH1], p->sm[1], p->sr[1], t->ln2g, n, C, 1));
+    LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, sv[TH1], S->sm[1], S->sr[1], t->ln2g, n, C, 1));
     /* self-attention */
-    LORA_TRY(lin_b(p, x, UNET_T_O1, DA, D, b[TA1], t->o1w, n, C, C, 0));
-    LORA_TRY(nn_mha_backward(be, DQ, DK, DV, DA, b[TQ], b[TK], b[TV], B, hw, hw, H, d, 0.0f, ws->att,
+    LORA_TRY(lin_b(p, x, UNET_T_O1, DA, D, sv[TA1], t->o1w, n, C, C, 0));
+    LORA_TRY(nn_mha_backward(be, DQ, DK, DV, DA, sv[TQ], sv[TK], sv[TV], B, hw, hw, H, d, 0.0f, ws->att,
                              ws->att_floats));
-    LORA_TRY(lin_b(p, x, UNET_T_Q1, DL, DQ, b[TL1], t->q1, n, C, C, 0));
-    LORA_TRY(lin_b(p, x, UNET_T_K1, DL, DK, b[TL1], t->k1, n, C, C, 1));
-    LORA_TRY(lin_b(p, x, UNET_T_V1, DL, DV, b[TL1], t->v1, n, C, C, 1));
-    LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, b[TH0], p->sm[0], p->sr[0], t->ln1g, n, C, 1));
+    LORA_TRY(lin_b(p, x, UNET_T_Q1, DL, DQ, sv[TL1], t->q1, n, C, C, 0));
+    LORA_TRY(lin_b(p, x, UNET_T_K1, DL, DK, sv[TL1], t->k1, n, C, C, 1));
+    LORA_TRY(lin_b(p, x, UNET_T_V1, DL, DV, sv[TL1], t->v1, n, C, C, 1));
+    LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, sv[TH0], S->sm[0], S->sr[0], t->ln1g, n, C, 1));
     /* proj_in, GroupNorm, residual */
-    LORA_TRY(proj_in_b(p, x, DA, D, b[TG], hw));
+    LORA_TRY(proj_in_b(p, x, DA, D, sv[TG], hw));
     LORA_TRY(be->iface->copy(be, dx, dy, (size_t)(B * C * hw) * 4));
-    return nn_groupnorm_backward(be, dx, DA, in, p->gm, p->gr, x->gng, x->gnb, B, C, hw, c->groups, 0, 1);
+    return nn_groupnorm_backward(be, dx, DA, in, S->gm, S->gr, x->gng, x->gnb, B, C, hw, c->groups, 0, 1);
 }
 
 /* ---- resnet backward (recompute from the saved input) ------------------------------------------- */

@@ -17,7 +17,7 @@
  *                                     stay unchanged until the backward)
  *   unet_backward(&p, dout, d_sample, d_context)
  * The backward recomputes each block's internals from its saved input (per-block
- * checkpointing) and then runs the block backward; base weights are frozen. d_sample and
+ * checkpointing; with train = UNET_TRAIN_SAVE_ALL the transformers' internals are kept instead) and then runs the block backward; base weights are frozen. d_sample and
  * d_context are written (either may be NULL); LoRA d_down/d_up and dW accumulate. One backward
  * per forward. */
 #ifndef LORA_MODEL_UNET_H
@@ -81,11 +81,24 @@ void unet_free(struct unet_model *m);
 #define UNET_MAX_SKIPS (1 + SD_MAX_LEVELS * (IMG_MAX_LAYERS + 1))
 #define UNET_MAX_SLOTS (4 * SD_MAX_LEVELS * (IMG_MAX_LAYERS + 1) + 4)
 #define UNET_NTOK 20
+#define UNET_NSAVED 14                 /* transformer intermediates kept for the backward */
+/* A transformer's forward intermediates the backward reads: recomputed into shared buffers
+ * (checkpointing) or kept per transformer from the forward (UNET_TRAIN_SAVE_ALL). */
+struct unet_xsave {
+    float *tok[UNET_NSAVED];
+    float *ff1, *ff2, *ck, *cv, *sm[3], *sr[3], *gm, *gr;
+};
+/* unet_plan_init_ex's `train` */
+#define UNET_FORWARD 0
+#define UNET_TRAIN_CHECKPOINT 1        /* gradient_checkpointing: per-block recompute */
+#define UNET_TRAIN_SAVE_ALL 2          /* the forward keeps every transformer's intermediates */
 struct unet_plan {
     const struct unet_model *m;
     int64_t batch, h, w, tokens;
-    int train;
+    int train;                         /* 0, or 1 (checkpointing) / 2 (save all): see UNET_TRAIN_* */
     int64_t max_rank, tok_floats;
+    struct unet_xsave rec;             /* the recompute set (train 1) */
+    struct unet_xsave xs[64];          /* per transformer (unet_model.xf order; train 2) */
     const struct unet_adapters *ad;
     const float *ctx;                  /* the forward's context (train) */
     float *lh, *ldh;                   /* LoRA down activations / their gradient */
@@ -103,7 +116,11 @@ struct unet_plan {
 };
 lora_status unet_plan_init(struct unet_plan *p, const struct unet_model *m, int64_t batch,
                            int64_t h, int64_t w, int64_t tokens);
-/* train: also the backward buffers; max_rank: the largest LoRA rank used (0: none). */
+/* train: UNET_FORWARD, or also the backward buffers: UNET_TRAIN_CHECKPOINT (the backward
+ * recomputes each transformer's internals from its saved input: gradient_checkpointing) or
+ * UNET_TRAIN_SAVE_ALL (the forward keeps them: more memory, no recompute; same gradients).
+ * Resnet blocks recompute their first conv in both modes. max_rank: the largest LoRA rank used
+ * (0: none). */
 lora_status unet_plan_init_ex(struct unet_plan *p, const struct unet_model *m, int64_t batch,
                               int64_t h, int64_t w, int64_t tokens, int train, int64_t max_rank);
 void unet_plan_free(struct unet_plan *p);

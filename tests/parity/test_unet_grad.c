@@ -198,6 +198,55 @@ static void test_version(lora_ctx *ctx, int ver, const char *dir) {
                 }
             printf("v%d FD worst relative error %.2e\n", ver, worst);
         }
+        /* gradient_checkpointing off (UNET_TRAIN_SAVE_ALL): the same gradients as the
+         * per-block recompute, bit for bit (LoRA, dW, input, context) */
+        if (fd_pass) {
+            struct unet_plan pa;
+            CHECK_STATUS(unet_plan_init_ex(&pa, &m, B, h, w, T, UNET_TRAIN_SAVE_ALL, 4), LORA_OK);
+            CHECK(pa.mem && unet_plan_bytes(&pa) > unet_plan_bytes(&p));
+            printf("v%d train plan: %llu bytes checkpointing, %llu saving all\n", ver,
+                   (unsigned long long)unet_plan_bytes(&p), (unsigned long long)unet_plan_bytes(&pa));
+            int64_t x0 = xf_index(&m, pg[0].xf);
+            float *gw[2], *gx[2], *gc[2], *gd[2][NLT], *gu[2][NLT];
+            for (int mode = 0; mode < 2 && pa.mem && x0 >= 0; mode++) {
+                struct unet_plan *pp = mode ? &pa : &p;
+                gw[mode] = calloc(64, 4);
+                ad->dw[x0][UNET_T_Q1] = gw[mode];
+                for (int i = 0; i < NLT; i++) {
+                    memset(L[i].d_down, 0, (size_t)(L[i].rank * L[i].in) * 4);
+                    memset(L[i].d_up, 0, (size_t)(L[i].out * L[i].rank) * 4);
+                }
+                gx[mode] = malloc((size_t)ns * 4);
+                gc[mode] = malloc((size_t)nc * 4);
+                CHECK_STATUS(unet_set_adapters(pp, ad), LORA_OK);
+                CHECK_STATUS(unet_forward(pp, x, t, ctxt, out), LORA_OK);
+                CHECK_STATUS(unet_backward(pp, lw, gx[mode], gc[mode]), LORA_OK);
+                for (int i = 0; i < NLT; i++) {
+                    gd[mode][i] = malloc((size_t)(L[i].rank * L[i].in) * 4);
+                    gu[mode][i] = malloc((size_t)(L[i].out * L[i].rank) * 4);
+                    memcpy(gd[mode][i], L[i].d_down, (size_t)(L[i].rank * L[i].in) * 4);
+                    memcpy(gu[mode][i], L[i].d_up, (size_t)(L[i].out * L[i].rank) * 4);
+                }
+            }
+            if (pa.mem && x0 >= 0) {
+                int64_t nq = m.xf[x0]->c * m.xf[x0]->c;
+                CHECK_MSG(nq <= 64 && memcmp(gw[0], gw[1], (size_t)nq * 4) == 0, "v%d save-all dW", ver);
+                CHECK_MSG(memcmp(gx[0], gx[1], (size_t)ns * 4) == 0, "v%d save-all d_sample", ver);
+                CHECK_MSG(memcmp(gc[0], gc[1], (size_t)nc * 4) == 0, "v%d save-all d_context", ver);
+                int same = 1;
+                for (int i = 0; i < NLT; i++)
+                    same &= memcmp(gd[0][i], gd[1][i], (size_t)(L[i].rank * L[i].in) * 4) == 0 &&
+                            memcmp(gu[0][i], gu[1][i], (size_t)(L[i].out * L[i].rank) * 4) == 0;
+                CHECK_MSG(same, "v%d save-all LoRA gradients", ver);
+                printf("v%d save-all gradients equal the checkpointed ones: %s\n", ver, same ? "yes" : "no");
+                for (int mode = 0; mode < 2; mode++) {
+                    free(gw[mode]); free(gx[mode]); free(gc[mode]);
+                    for (int i = 0; i < NLT; i++) { free(gd[mode][i]); free(gu[mode][i]); }
+                }
+                ad->dw[x0][UNET_T_Q1] = NULL;
+            }
+            unet_plan_free(&pa);
+        }
         for (int i = 0; i < NLT; i++) {
             if (!dn[i]) continue;
             free(dn[i]); free(up[i]); free(L[i].d_down); free(L[i].d_up);
