@@ -43,6 +43,20 @@ static inline int32_t *ref_ids(const struct lora_file *f, const char *name, int6
     return out;
 }
 
+/* An int64 or float64 tensor's elements as floats (at most `max`); returns the element count,
+ * 0 when absent. */
+static inline int64_t ref_as_floats(const struct lora_file *f, const char *name, float *out, int64_t max) {
+    int64_t i = ref_find(f, name);
+    if (i < 0) return 0;
+    int64_t n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 8);
+    const uint8_t *p = st_data(f, i);
+    for (int64_t k = 0; k < n && k < max; k++) {
+        if (f->tensors[i].dtype == LORA_DTYPE_I64) { int64_t v; memcpy(&v, p + 8 * k, 8); out[k] = (float)v; }
+        else { double v; memcpy(&v, p + 8 * k, 8); out[k] = (float)v; }
+    }
+    return n;
+}
+
 /* ||a - b|| / ||b|| in double (||a - b|| when b is all zeros). */
 static inline double rel_l2(const float *a, const float *b, int64_t n) {
     double num = 0, den = 0;

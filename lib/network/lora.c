@@ -39,7 +39,7 @@ static void from_f32(lora_dtype dt, const float *src, int64_t n, void *dst) {
     }
 }
 
-static void set_nn(struct net_module *mm) {
+void net_module_bind(struct net_module *mm) {
     mm->nn.in = mm->in * mm->kh * mm->kw;
     mm->nn.out = mm->out;
     mm->nn.rank = mm->rank;
@@ -50,7 +50,7 @@ static void set_nn(struct net_module *mm) {
     mm->nn.d_up = NULL;
 }
 
-static lora_status net_new(lora_ctx *ctx, int64_t n, struct lora_network **out) {
+lora_status net_alloc(lora_ctx *ctx, int64_t n, struct lora_network **out) {
     struct lora_network *net = lora_calloc(ctx, 1, sizeof *net);
     if (!net) return LORA_E_NOMEM;
     net->magic = LORA_NETWORK_MAGIC;
@@ -135,7 +135,7 @@ lora_status net_create(struct sd_model *m, const lora_params *opts, struct lora_
     int64_t nt = 0;
     LORA_TRY(net_targets(m, conv_dim > 0, &t, &nt));
     struct lora_network *net = NULL;
-    lora_status s = net_new(ctx, nt, &net);
+    lora_status s = net_alloc(ctx, nt, &net);
     if (s) { lora_free(ctx, t); return s; }
     struct lora_mt19937 g;
     lora_mt_seed(&g, seed < 0 ? 1234u : (uint64_t)seed);
@@ -169,7 +169,7 @@ lora_status net_create(struct sd_model *m, const lora_params *opts, struct lora_
         torch_uniform(&g, NULL, mm->rank * fan_in, b);
         torch_uniform(&g, NULL, mm->out * mm->rank, kaiming_bound(mm->rank));
         torch_uniform(&g, mm->down, mm->rank * fan_in, b);
-        set_nn(mm);
+        net_module_bind(mm);
     }
     lora_free(ctx, t);
     if (s) { net_free(net); return s; }
@@ -257,7 +257,7 @@ static lora_status load_module(lora_ctx *ctx, const char *path, const struct ten
         mm->alpha = (double)mm->rank;
         mm->has_alpha = 0;
     }
-    set_nn(mm);
+    net_module_bind(mm);
     return LORA_OK;
 }
 
@@ -278,7 +278,7 @@ lora_status net_load(lora_ctx *ctx, const char *path, struct lora_network **out)
         return s;
     }
     struct lora_network *net = NULL;
-    s = net_new(ctx, n, &net);
+    s = net_alloc(ctx, n, &net);
     for (int64_t i = 0; i < map.n && !s; i++) {
         if (!ends_with(map.t[i].name, ".lora_down.weight")) {
             const char *nm = map.t[i].name;

@@ -53,6 +53,13 @@ struct lora_network {
     char **meta_keys, **meta_vals;
 };
 
+/* An empty network handle with room for `n` modules (the merge/extract/resize ops build
+ * networks with it). */
+lora_status net_alloc(lora_ctx *ctx, int64_t n, struct lora_network **out);
+/* Points a module's nn_lora view at its down/up weights with scale alpha/rank (alpha <= 0 or
+ * absent: scale 1). */
+void net_module_bind(struct net_module *mm);
+
 lora_status net_create(struct sd_model *m, const lora_params *opts, struct lora_network **out);
 lora_status net_load(lora_ctx *ctx, const char *path, struct lora_network **out);
 lora_status net_save(const struct lora_network *net, const char *path, const lora_params *opts);

@@ -13,29 +13,7 @@
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
-static void set_nn(struct net_module *mm) {
-    mm->nn.in = mm->in * mm->kh * mm->kw;
-    mm->nn.out = mm->out;
-    mm->nn.rank = mm->rank;
-    mm->nn.scale = nn_lora_scale(mm->has_alpha ? mm->alpha : 0.0, mm->rank, 1.0);
-    mm->nn.down = mm->down;
-    mm->nn.up = mm->up;
-    mm->nn.d_down = NULL;
-    mm->nn.d_up = NULL;
-}
 
-static lora_status new_net(lora_ctx *ctx, int64_t cap, struct lora_network **out) {
-    struct lora_network *net = lora_calloc(ctx, 1, sizeof *net);
-    if (!net) return LORA_E_NOMEM;
-    net->magic = LORA_NETWORK_MAGIC;
-    net->ctx = ctx;
-    if (cap > 0) {
-        net->m = lora_calloc(ctx, (size_t)cap, sizeof *net->m);
-        if (!net->m) { lora_free(ctx, net); return LORA_E_NOMEM; }
-    }
-    *out = net;
-    return LORA_OK;
-}
 
 /* Fills module `mm` (name copied) with shape facts; factors allocated (zeroed). */
 static lora_status init_module(lora_ctx *ctx, struct net_module *mm, const char *name, int32_t is_te, int32_t kind,
@@ -237,7 +215,7 @@ static lora_status merge_kohya(lora_ctx *ctx, const struct lora_network *const *
         if (!s) s = lora_progress(ctx, LORA_PHASE_MERGE, i + 1, n, NAN);
     }
     lora_free(ctx, seen);
-    for (int64_t j = 0; j < o->n; j++) set_nn(&o->m[j]);
+    for (int64_t j = 0; j < o->n; j++) net_module_bind(&o->m[j]);
     return s;
 }
 
@@ -279,7 +257,7 @@ static lora_status merge_svd(lora_ctx *ctx, const struct lora_network *const *ne
         d->alpha_dtype = LORA_DTYPE_I64;   /* torch.tensor(module_new_rank) */
         s = factor(ctx, f->name, sl[j].w, f->out, f->in * f->kh * f->kw, r, d->up, d->down);
         if (!s) s = clamp_quantile(ctx, d->up, f->out * r, d->down, r * f->in * f->kh * f->kw, 0.99);
-        set_nn(d);
+        net_module_bind(d);
         if (!s) s = lora_progress(ctx, LORA_PHASE_MERGE, j + 1, ns, NAN);
     }
     return s;
@@ -307,7 +285,7 @@ lora_status ops_merge_networks(lora_ctx *ctx, const struct lora_network *const *
             }
         }
     struct lora_network *o = NULL;
-    lora_status s = new_net(ctx, ns, &o);
+    lora_status s = net_alloc(ctx, ns, &o);
     if (!s) {
         if (new_rank <= 0) s = merge_kohya(ctx, nets, ratios, n, o, sl, ns);
         else s = merge_svd(ctx, nets, ratios, n, new_rank, new_conv_rank > 0 ? new_conv_rank : new_rank, o, sl, ns);
@@ -381,7 +359,7 @@ lora_status ops_extract(const struct sd_model *org, const struct sd_model *tuned
     }
     if (!s && !te_diff) lora_log(ctx, LORA_LOG_INFO, "text encoder is the same: extracting the U-Net only");
     struct lora_network *o = NULL;
-    if (!s) s = new_net(ctx, nt, &o);
+    if (!s) s = net_alloc(ctx, nt, &o);
     for (int64_t i = 0; i < nt && !s; i++) {
         if (t[i].is_te && !te_diff) continue;
         int kxk = t[i].kind == NET_CONVKXK;
@@ -395,7 +373,7 @@ lora_status ops_extract(const struct sd_model *org, const struct sd_model *tuned
         int64_t k = t[i].in * t[i].kh * t[i].kw;
         s = factor(ctx, t[i].name, diff[i], t[i].out, k, r, d->up, d->down);
         if (!s) s = clamp_quantile(ctx, d->up, t[i].out * r, d->down, r * k, clamp_q);
-        set_nn(d);
+        net_module_bind(d);
         if (!s) s = lora_progress(ctx, LORA_PHASE_EXTRACT, i + 1, nt, NAN);
     }
     char b[32];
@@ -461,7 +439,7 @@ lora_status ops_resize(const struct lora_network *net, int64_t new_rank, int32_t
     if (net_alpha < 0) net_alpha = net_dim;
     double scale = net_alpha / net_dim;
     struct lora_network *o = NULL;
-    LORA_TRY(new_net(ctx, net->n, &o));
+    LORA_TRY(net_alloc(ctx, net->n, &o));
     lora_status s = LORA_OK;
     double fro_sum = 0;
     for (int64_t i = 0; i < net->n && !s; i++) {
@@ -491,7 +469,7 @@ lora_status ops_resize(const struct lora_network *net, int64_t new_rank, int32_t
                 for (int64_t a = 0; a < m; a++)
                     for (int64_t j = 0; j < r; j++) d->up[a * r + j] = u[a * ns + j] * S[j];
                 memcpy(d->down, vt, (size_t)(r * k) * 4);
-                set_nn(d);
+                net_module_bind(d);
                 double all = 0, kept = 0;
                 for (int64_t j = 0; j < ns; j++) { all += (double)S[j] * S[j]; if (j < r) kept += (double)S[j] * S[j]; }
                 double fro = all > 0 ? sqrt(kept / all) : 1.0;

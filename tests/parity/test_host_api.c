@@ -12,44 +12,13 @@
 #include "internal.h"
 #include "io/safetensors.h"
 #include "../test.h"
+#include "../ref_file.h"
 
 #define OUT_TOL 1e-5
 
-static int64_t find(const struct lora_file *f, const char *name) {
-    for (int64_t i = 0; i < f->n_tensors; i++)
-        if (strcmp(f->tensors[i].name, name) == 0) return i;
-    fprintf(stderr, "reference tensor %s missing\n", name);
-    return -1;
-}
 
-static const float *ref_f32(const struct lora_file *f, const char *name, int64_t *n) {
-    int64_t i = find(f, name);
-    if (i < 0 || f->tensors[i].dtype != LORA_DTYPE_F32) return NULL;
-    if (n) *n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 4);
-    return (const float *)st_data(f, i);
-}
 
-static int64_t ref_times(const struct lora_file *f, const char *name, float *out, int64_t max) {
-    int64_t i = find(f, name);
-    if (i < 0) return 0;
-    int64_t n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 8);
-    const uint8_t *p = st_data(f, i);
-    for (int64_t k = 0; k < n && k < max; k++) {
-        if (f->tensors[i].dtype == LORA_DTYPE_I64) { int64_t v; memcpy(&v, p + 8 * k, 8); out[k] = (float)v; }
-        else { double v; memcpy(&v, p + 8 * k, 8); out[k] = (float)v; }
-    }
-    return n;
-}
 
-static double rel_l2(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
 
 static void compare(int ver, const char *what, const float *got, const float *want, int64_t n) {
     if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
@@ -67,7 +36,7 @@ static void test_unet(lora_model *model, const struct lora_file *f, int ver) {
     CHECK(x && ctxt && want && ns == B * 4 * h * w && T == 77);
     if (!x || !ctxt || !want || T != 77) return;
     float t[2], *out = calloc((size_t)ns, 4);
-    CHECK(ref_times(f, "unet.timesteps", t, 2) == 2);
+    CHECK(ref_as_floats(f, "unet.timesteps", t, 2) == 2);
     CHECK_STATUS(lora_model_unet_predict(model, x, B, h, w, t, ctxt, T, out, (uint64_t)ns), LORA_OK);
     compare(ver, "unet_predict (t = 1, 999)", out, want, ns);
     /* a different shape (batch 1) replans; then the first shape again */
@@ -76,7 +45,7 @@ static void test_unet(lora_model *model, const struct lora_file *f, int ver) {
                  LORA_OK);
     compare(ver, "unet_predict (batch 1)", one, want + ns / 2, ns / 2);
     float ti[2];
-    CHECK(ref_times(f, "unet.timestep_float", ti, 1) == 1);
+    CHECK(ref_as_floats(f, "unet.timestep_float", ti, 1) == 1);
     ti[1] = ti[0];
     CHECK_STATUS(lora_model_unet_predict(model, x, B, h, w, ti, ctxt, T, out, (uint64_t)ns), LORA_OK);
     compare(ver, "unet_predict (float t)", out, ref_f32(f, "unet.out_timestep_float", NULL), ns);

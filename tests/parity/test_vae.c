@@ -11,28 +11,11 @@
 #include "model/sd_model.h"
 #include "model/vae.h"
 #include "../test.h"
+#include "../ref_file.h"
 
 #define OUT_TOL 1e-5
 
-static const float *ref_f32(const struct lora_file *f, const char *name, int64_t *n) {
-    for (int64_t i = 0; i < f->n_tensors; i++)
-        if (strcmp(f->tensors[i].name, name) == 0 && f->tensors[i].dtype == LORA_DTYPE_F32) {
-            if (n) *n = (int64_t)((f->tensors[i].end - f->tensors[i].begin) / 4);
-            return (const float *)st_data(f, i);
-        }
-    fprintf(stderr, "reference tensor %s missing or not F32\n", name);
-    return NULL;
-}
 
-static double rel_l2(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
 
 static void compare(int ver, const char *what, const float *got, const float *want, int64_t n) {
     if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
