@@ -68,4 +68,27 @@ static inline double rel_l2(const float *a, const float *b, int64_t n) {
     return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
+/* Prints the relative L2 error of `got` against the reference and checks it (a missing
+ * reference fails). Needs test.h included first. */
+static inline void ref_compare(int ver, const char *what, const float *got, const float *want, int64_t n, double tol) {
+    if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
+    double r = rel_l2(got, want, n);
+    printf("v%d %-40s rel L2 %.2e\n", ver, what, r);
+    CHECK_MSG(r <= tol, "v%d %s: rel L2 %.3e > %.1e", ver, what, r, tol);
+}
+
+/* Loads the tiny model <dir>/sd/v<ver>_diffusers and its reference outputs; 0 when either
+ * failed (already reported). */
+static inline int ref_open_version(lora_ctx *ctx, const char *dir, int ver, lora_model **model,
+                                   struct lora_file **ref) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/sd/v%d_diffusers", dir, ver);
+    *model = NULL;
+    *ref = NULL;
+    CHECK_STATUS(lora_model_load(ctx, path, NULL, model), LORA_OK);
+    snprintf(path, sizeof path, "%s/sd/v%d_reference_outputs.safetensors", dir, ver);
+    CHECK_STATUS(st_open(ctx, path, ref), LORA_OK);
+    return *model && *ref;
+}
+
 #endif

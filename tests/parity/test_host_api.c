@@ -16,16 +16,7 @@
 
 #define OUT_TOL 1e-5
 
-
-
-
-
-static void compare(int ver, const char *what, const float *got, const float *want, int64_t n) {
-    if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
-    double r = rel_l2(got, want, n);
-    printf("v%d %-28s rel L2 %.2e\n", ver, what, r);
-    CHECK_MSG(r <= OUT_TOL, "v%d %s: rel L2 %.3e > %.1e", ver, what, r, OUT_TOL);
-}
+#define compare(ver, what, got, want, n) ref_compare(ver, what, got, want, n, OUT_TOL)
 
 static void test_unet(lora_model *model, const struct lora_file *f, int ver) {
     int64_t ns = 0, nc = 0, X = 0;

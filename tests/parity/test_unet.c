@@ -16,26 +16,16 @@
 
 #define OUT_TOL 1e-5
 
-
-
-
-
-static void compare(int ver, const char *what, const float *got, const float *want, int64_t n) {
-    if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
-    double r = rel_l2(got, want, n);
-    printf("v%d %-26s rel L2 %.2e\n", ver, what, r);
-    CHECK_MSG(r <= OUT_TOL, "v%d %s: rel L2 %.3e > %.1e", ver, what, r, OUT_TOL);
-}
+#define compare(ver, what, got, want, n) ref_compare(ver, what, got, want, n, OUT_TOL)
 
 static void test_version(lora_ctx *ctx, int ver, const char *dir) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/sd/v%d_diffusers", dir, ver);
     lora_model *model = NULL;
-    CHECK_STATUS(lora_model_load(ctx, path, NULL, &model), LORA_OK);
-    if (!model) return;
-    snprintf(path, sizeof path, "%s/sd/v%d_reference_outputs.safetensors", dir, ver);
     struct lora_file *f = NULL;
-    CHECK_STATUS(st_open(ctx, path, &f), LORA_OK);
+    if (!ref_open_version(ctx, dir, ver, &model, &f)) {
+        lora_model_free(model);
+        st_close(f);
+        return;
+    }
     struct unet_model m;
     CHECK_STATUS(unet_init(&m, ctx->backend, &model->sd.unet, &model->sd.cfg), LORA_OK);
     if (f && m.weights) {

@@ -20,15 +20,7 @@
 #define GRAD_TOL 1e-4
 #define FD_TOL 2e-2
 
-
-
-
-static void compare(int ver, const char *what, const float *got, const float *want, int64_t n) {
-    if (!want) { CHECK_MSG(0, "%s: reference missing", what); return; }
-    double r = rel_l2(got, want, n);
-    printf("v%d %-70s rel L2 %.2e\n", ver, what, r);
-    CHECK_MSG(r <= GRAD_TOL, "v%d %s: rel L2 %.3e > %.1e", ver, what, r, GRAD_TOL);
-}
+#define compare(ver, what, got, want, n) ref_compare(ver, what, got, want, n, GRAD_TOL)
 
 static int64_t xf_index(const struct unet_model *m, const char *name) {
     for (int64_t i = 0; i < m->n_xf; i++)
@@ -51,14 +43,13 @@ static float frand(void) {   /* uniform [-1, 1) */
 struct pgrad { const char *xf; int target; const char *param; };
 
 static void test_version(lora_ctx *ctx, int ver, const char *dir) {
-    char path[1024];
-    snprintf(path, sizeof path, "%s/sd/v%d_diffusers", dir, ver);
     lora_model *model = NULL;
-    CHECK_STATUS(lora_model_load(ctx, path, NULL, &model), LORA_OK);
-    if (!model) return;
-    snprintf(path, sizeof path, "%s/sd/v%d_reference_outputs.safetensors", dir, ver);
     struct lora_file *f = NULL;
-    CHECK_STATUS(st_open(ctx, path, &f), LORA_OK);
+    if (!ref_open_version(ctx, dir, ver, &model, &f)) {
+        lora_model_free(model);
+        st_close(f);
+        return;
+    }
     struct unet_model m;
     CHECK_STATUS(unet_init(&m, ctx->backend, &model->sd.unet, &model->sd.cfg), LORA_OK);
     int64_t ns = 0, nc = 0, nw = 0;
