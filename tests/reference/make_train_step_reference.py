@@ -9,13 +9,14 @@ models of tests/data/sd, with kohya's own networks/lora.py.
 library/train_util.py is replaced by a stub module (as in make_network_fixtures.py).
 
 Case v1 (eps target, dim 4, alpha 2, lr 1e-3 for both groups, clip_skip 1, max_grad_norm 0.1:
-the total norm is about 0.23, so 1.0 would not clip and the clipping would go untested). A v2 case (v-prediction,
+the total norm is about 0.56, so 1.0 would not clip and the clipping would go untested). A v2 case (v-prediction,
 clip_skip 2, separate learning rates) is in the list but off: its files would take the fixture
 directory past its size budget (tests/data/train < 400 KB).
   create_network(1.0, dim, alpha, None, te, unet) after torch.manual_seed(1234) (kohya's init:
-  down kaiming-uniform, up zeros), then lora_up weights set to seeded randn * 0.1 so gradients
-  reach lora_down; every weight rounded to float16 (so the fp16 file below holds them exactly);
-  apply_to(te, unet, True, True).
+  down kaiming-uniform, up zeros); apply_to(te, unet, True, True) (the network's state_dict is
+  empty before it); then lora_up weights set to seeded randn * 0.1 so gradients reach lora_down
+  and the LoRA changes the forward; every weight rounded to float16 (so the fp16 file below holds
+  them exactly and both sides start from the same values).
   ehs   = final_layer_norm(hidden_states[-clip_skip]) of text_encoder(input_ids) (kohya
           get_hidden_states without max_token_length)
   noisy = DDPMScheduler(scaled_linear 0.00085..0.012, 1000).add_noise(latents, noise, t)
@@ -79,6 +80,12 @@ def main():
         te.requires_grad_(False)
         torch.manual_seed(1234)
         net = lora.create_network(1.0, c["dim"], c["alpha"], None, te, unet)
+        # kohya's LoRANetwork registers its modules (and so has a state_dict) only in apply_to:
+        # apply first, then set and round the weights (before, the loops below ran over an empty
+        # state_dict, lora_up stayed zero and lora_down unrounded float32 while the saved file
+        # held fp16-rounded values)
+        net.apply_to(te, unet, True, True)
+        assert len(net.state_dict()) == 3 * (len(net.text_encoder_loras) + len(net.unet_loras))
         g = torch.Generator().manual_seed(500 + v)
         with torch.no_grad():
             for k, p in sorted(net.state_dict().items()):
@@ -87,7 +94,6 @@ def main():
             for k, p in net.state_dict().items():
                 if k.endswith(".weight"):
                     p.copy_(p.half().float())
-        net.apply_to(te, unet, True, True)
         net.save_weights(os.path.join(OUT, f"v{v}_lora.safetensors"), torch.float16,
                          {"ss_network_module": "networks.lora", "ss_network_dim": str(c["dim"]),
                           "ss_network_alpha": str(c["alpha"])})
