@@ -10,6 +10,8 @@
 #        scripts/bench.sh unet [reps] SD1.5-shaped U-Net forward / forward+backward against
 #                                     diffusers on PyTorch CPU (needs tests/reference/.venv)
 #        scripts/bench.sh tokenizer [reps] CLIP tokenizer prompts/s against transformers (+ ftfy)
+#        scripts/bench.sh ops [all]   LoRA extraction of the 264 SD1.5 modules at dim 64 (exact and
+#                                     randomized SVD) against torch.linalg.svd on PyTorch CPU
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
@@ -54,6 +56,31 @@ if [ "${1:-}" = "tokenizer" ]; then
         printf '%-14s %16s %16s %8s\n' "$name" "$v" "${p:--}" "$(awk -v a="$v" -v b="$p" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }')"
     done
     echo "(ratio > 1: liblora faster than the peer on this machine in this run; _cold has no peer)"
+    exit 0
+fi
+# scripts/bench.sh ops [all|subset]: extraction of the 264 SD1.5-size LoRA modules at dim 64,
+# exact and randomized SVD, against torch.linalg.svd (full matrices as kohya, and economy) on
+# PyTorch CPU with the same threads (needs tests/reference/.venv). The peer always times one module
+# per distinct shape and scales by the shape's count; ours too unless "all".
+if [ "${1:-}" = "ops" ]; then
+    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+    ninja -C build-bench bench/bench_ops >/dev/null
+    py=tests/reference/.venv/bin/python
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+    ours=$(mktemp); peer=$(mktemp)
+    trap 'rm -f "$ours" "$peer"' EXIT
+    build-bench/bench/bench_ops "${2:-subset}" > "$ours"
+    threads=$(sed -n 's/.*threads(openblas): \([0-9]*\).*/\1/p' "$ours")
+    $py bench/ops_peer.py "${threads:-$(nproc)}" > "$peer"
+    grep '^#' "$ours"; grep '^#' "$peer"
+    printf '%-20s %12s\n' case seconds
+    grep -v '^#' "$ours" | while read -r name v; do printf '%-20s %12s  (liblora)\n' "$name" "$v"; done
+    grep -v '^#' "$peer" | while read -r name v; do printf '%-20s %12s  (torch)\n' "torch_$name" "$v"; done
+    le=$(awk '$1 == "extract_exact" {print $2}' "$ours"); lr=$(awk '$1 == "extract_randomized" {print $2}' "$ours")
+    pf=$(awk '$1 == "extract_exact" {print $2}' "$peer"); pe=$(awk '$1 == "extract_economy" {print $2}' "$peer")
+    awk -v le="$le" -v lr="$lr" -v pf="$pf" -v pe="$pe" 'BEGIN {
+        printf "ratios: torch full / ours exact %.2fx, torch economy / ours exact %.2fx, torch full / ours randomized %.2fx, ours exact / ours randomized %.2fx\n", pf / le, pe / le, pf / lr, le / lr }'
+    echo "(ratio > 1: liblora faster, this machine, this run)"
     exit 0
 fi
 if [ "${1:-}" = "load" ]; then

@@ -101,7 +101,7 @@ int cmd_merge(lora_ctx *ctx, int argc, char **argv) {
 
 int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
     const char *org = NULL, *tuned = NULL, *save_to = NULL, *save_prec = NULL;
-    int dim = 4, conv_dim = 0, v2 = 0;
+    int dim = 4, conv_dim = 0, v2 = 0, randomized = 0;
     double clamp = 0.99, min_diff = 0.01;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -115,12 +115,19 @@ int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
         else if (strcmp(a, "--min_diff") == 0 && i + 1 < argc) min_diff = strtod(argv[++i], NULL);
         else if (strcmp(a, "--device") == 0 && i + 1 < argc) { if (strcmp(argv[++i], "cpu") != 0) fprintf(stderr, "lora extract: --device %s: only the CPU is implemented; using it\n", argv[i]); }
         else if (strcmp(a, "--v2") == 0) v2 = 1;
+        else if (strcmp(a, "--svd") == 0 && i + 1 < argc) {
+            const char *m = argv[++i];
+            if (strcmp(m, "exact") == 0) randomized = 0;
+            else if (strcmp(m, "randomized") == 0) randomized = 1;
+            else { fprintf(stderr, "lora extract: --svd %s: want exact or randomized\n", m); return 2; }
+        }
         else if (strcmp(a, "--verbose") == 0) continue;
         else { fprintf(stderr, "lora extract: unknown or incomplete option '%s'\n", a); return 2; }
     }
     if (!org || !tuned || !save_to || (save_prec && !prec_dtype(save_prec))) {
         fprintf(stderr, "usage: lora extract --model_org A --model_tuned B --save_to OUT [--dim 4] [--conv_dim N] [--v2]\n"
-                        "                    [--save_precision float|fp16|bf16] [--clamp_quantile 0.99] [--min_diff 0.01]\n");
+                        "                    [--save_precision float|fp16|bf16] [--clamp_quantile 0.99] [--min_diff 0.01]\n"
+                        "                    [--svd exact|randomized]\n");
         return 2;
     }
     lora_params *lo = NULL;
@@ -132,7 +139,7 @@ int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
     lora_params *opts = save_opts(ctx, save_prec, save_to, 0);
     if ((s = lora_model_load(ctx, org, lo, &a)) != LORA_OK) rc = cli_fail(ctx, s, org);
     else if ((s = lora_model_load(ctx, tuned, lo, &b)) != LORA_OK) rc = cli_fail(ctx, s, tuned);
-    else if ((s = lora_extract(a, b, dim, conv_dim, clamp, min_diff, &o)) != LORA_OK) rc = cli_fail(ctx, s, "extract");
+    else if ((s = lora_extract(a, b, dim, conv_dim, clamp, min_diff, randomized ? LORA_SVD_RANDOMIZED : LORA_SVD_EXACT, &o)) != LORA_OK) rc = cli_fail(ctx, s, "extract");
     else if ((s = lora_network_save(o, save_to, opts)) != LORA_OK) rc = cli_fail(ctx, s, "save");
     if (!rc) {
         int64_t n = 0, te = 0;

@@ -693,7 +693,7 @@ LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_netw
 /* Casts every floating tensor of the text encoder and U-Net (not the VAE or extra tensors)
  * to `dtype` (LORA_DTYPE_F32, F16 or BF16), as merge_lora.py's --precision does before
  * merging (its default "float": merges are then stored unrounded). Errors:
- * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE (another dtype), LORA_E_NOMEM. Since 0.3.0. */
+ * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE (another dtype), LORA_E_NOMEM. Since 0.2.0. */
 LORA_API lora_status lora_model_cast(lora_model *model, lora_dtype dtype);
 
 /* merge_lora.py --sd_model: merges `nets[0..n)` into the model in order, each with
@@ -703,7 +703,7 @@ LORA_API lora_status lora_model_cast(lora_model *model, lora_dtype dtype);
  * Modules that do not fit are skipped with a warning; a network none of whose modules fits
  * gives LORA_E_NO_MATCHING_KEYS. The networks must belong to the model's context. Errors:
  * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE (non-finite ratio), LORA_E_NOMEM,
- * LORA_E_CANCELLED (networks merged so far stay merged). Since 0.3.0. */
+ * LORA_E_CANCELLED (networks merged so far stay merged). Since 0.2.0. */
 LORA_API lora_status lora_merge_into_model(lora_model *model, const lora_network *const *nets,
                                            const double *ratios, int64_t n);
 
@@ -716,7 +716,7 @@ LORA_API lora_status lora_merge_into_model(lora_model *model, const lora_network
  * is re-factored by SVD to min(new_rank, in, out) (k x k convs: new_conv_rank, 0 = new_rank),
  * both factors clamped to the 0.99 quantile of their values, alpha = the new rank. Errors:
  * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_SHAPE_MISMATCH, LORA_E_NOMEM,
- * LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.3.0. */
+ * LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.2.0. */
 LORA_API lora_status lora_merge_networks(lora_ctx *ctx, const lora_network *const *nets,
                                          const double *ratios, int64_t n, int32_t new_rank,
                                          int32_t new_conv_rank, lora_network **out);
@@ -728,11 +728,15 @@ LORA_API lora_status lora_merge_networks(lora_ctx *ctx, const lora_network *cons
  * metadata ss_network_module/dim/alpha. The text encoder is dropped when no TE weight moved
  * by more than `min_diff` (kohya 2023-03: 1e-6; later versions 0.01). Errors:
  * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_SHAPE_MISMATCH (different architectures),
- * LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.3.0. */
+ * LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.2.0. */
+typedef int32_t lora_svd_method;
+#define LORA_SVD_EXACT      0   /* LAPACK sgesdd, economy: the factors kohya's script gets */
+#define LORA_SVD_RANDOMIZED 1   /* Halko-Martinsson-Tropp range finder (oversampling 10, 2 power
+                                 * iterations, seeded per module; exact when rank + 10 >=
+                                 * min(in, out)): several times faster, slightly larger error */
 LORA_API lora_status lora_extract(const lora_model *base, const lora_model *tuned, int32_t dim,
                                   int32_t conv_dim, double clamp_quantile, double min_diff,
-                                  lora_network **out);
-
+                                  lora_svd_method svd_method, lora_network **out);
 typedef int32_t lora_resize_method;
 #define LORA_RESIZE_FIXED         0   /* rank new_rank */
 #define LORA_RESIZE_SV_RATIO      1   /* keep singular values > S0 / param */
@@ -745,7 +749,7 @@ typedef int32_t lora_resize_method;
  * computes it. The Frobenius share kept per module is logged (LORA_LOG_INFO). Metadata is
  * copied with ss_network_dim/alpha updated ("Dynamic" for dynamic methods). Errors:
  * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with
- * lora_network_free. Since 0.3.0. */
+ * lora_network_free. Since 0.2.0. */
 LORA_API lora_status lora_network_resize(const lora_network *net, int32_t new_rank,
                                          lora_resize_method dynamic_method, double dynamic_param,
                                          lora_network **out);

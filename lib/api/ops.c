@@ -56,13 +56,18 @@ LORA_API lora_status lora_merge_networks(lora_ctx *ctx, const lora_network *cons
 }
 
 LORA_API lora_status lora_extract(const lora_model *base, const lora_model *tuned, int32_t dim, int32_t conv_dim,
-                                  double clamp_quantile, double min_diff, lora_network **out) {
+                                  double clamp_quantile, double min_diff, lora_svd_method svd_method,
+                                  lora_network **out) {
     if (out) *out = NULL;
     if (!model_ok(base) || !model_ok(tuned) || base->ctx != tuned->ctx) return LORA_E_INVALID_ARG;
     lora_ctx *ctx = base->ctx;
     LORA_TRY(lora_enter(ctx));
     lora_status s = out ? LORA_OK : lora_fail(ctx, LORA_E_INVALID_ARG, "lora_extract: out must not be NULL");
-    if (!s) s = ops_extract(&base->sd, &tuned->sd, dim, conv_dim, clamp_quantile, min_diff, out);
+    if (!s && svd_method != LORA_SVD_EXACT && svd_method != LORA_SVD_RANDOMIZED)
+        s = lora_fail(ctx, LORA_E_CONFIG_RANGE, "lora_extract: svd_method %d is not LORA_SVD_EXACT or LORA_SVD_RANDOMIZED",
+                      svd_method);
+    int32_t method = svd_method == LORA_SVD_RANDOMIZED ? OPS_SVD_RANDOMIZED : OPS_SVD_EXACT;
+    if (!s) s = ops_extract(&base->sd, &tuned->sd, dim, conv_dim, clamp_quantile, min_diff, method, out);
     if (!s) lora_ctx_retain(ctx);
     lora_leave(ctx);
     return s;

@@ -9,6 +9,7 @@
 #include <lapacke.h>
 
 #include "core/dtype.h"
+#include "core/rng.h"
 #include "ops/ops.h"
 
 /* ---- small helpers ------------------------------------------------------------------------ */
@@ -307,6 +308,78 @@ lora_status ops_merge_networks(lora_ctx *ctx, const struct lora_network *const *
     return LORA_OK;
 }
 
+/* ---- randomized SVD ------------------------------------------------------------------------ */
+
+/* In-place thin QR of y[m, l] (row-major, m >= l): y <- Q. */
+static lora_status orthonormalize(lora_ctx *ctx, const char *what, float *y, int64_t m, int64_t l, float *tau) {
+    lapack_int info = LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, (lapack_int)m, (lapack_int)l, y, (lapack_int)l, tau);
+    if (!info) info = LAPACKE_sorgqr(LAPACK_ROW_MAJOR, (lapack_int)m, (lapack_int)l, (lapack_int)l, y, (lapack_int)l, tau);
+    if (info)
+        return lora_fail(ctx, info < 0 ? LORA_E_INTERNAL : LORA_E_NONFINITE_WEIGHTS,
+                         "QR in the randomized SVD of '%s' [%lld, %lld] failed (LAPACK info %d)", what, (long long)m,
+                         (long long)l, (int)info);
+    return LORA_OK;
+}
+
+/* Halko-Martinsson-Tropp: rank-r factors of a[m, n] (row-major, kept) from the range of
+ * A Omega (Omega [n, l] Gaussian from Philox(seed), l = r + OPS_RSVD_OVERSAMPLE) refined by
+ * OPS_RSVD_POWER power iterations, each product re-orthonormalised by QR; then the small SVD of
+ * B = Q^T A [l, n] gives up = (Q U_B)_r S_r, down = (Vh_B)_r. */
+static lora_status factor_randomized(lora_ctx *ctx, const char *what, const float *a, int64_t m, int64_t n,
+                                     int64_t r, uint64_t seed, float *up, float *down) {
+    int64_t k = m < n ? m : n, l = r + OPS_RSVD_OVERSAMPLE;
+    if (l > k) l = k;
+    int64_t mx = m > n ? m : n;
+    float *om = lora_malloc(ctx, (size_t)(n * l) * 4), *y = lora_malloc(ctx, (size_t)(m * l) * 4);
+    float *z = lora_malloc(ctx, (size_t)(n * l) * 4), *tau = lora_malloc(ctx, (size_t)l * 4);
+    float *b = lora_malloc(ctx, (size_t)(l * n) * 4);
+    float *u = NULL, *s = NULL, *vt = NULL;
+    lora_status st = om && y && z && tau && b ? LORA_OK : LORA_E_NOMEM;
+    (void)mx;
+    if (!st) {
+        lora_philox_normal(seed, 0, om, n * l);
+        /* Y = A Omega */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)l, (int)n, 1.f, a, (int)n, om, (int)l,
+                    0.f, y, (int)l);
+        st = orthonormalize(ctx, what, y, m, l, tau);
+    }
+    for (int it = 0; it < OPS_RSVD_POWER && !st; it++) {
+        /* Z = A^T Q, QR; Y = A Z, QR */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n, (int)l, (int)m, 1.f, a, (int)n, y, (int)l, 0.f,
+                    z, (int)l);
+        st = orthonormalize(ctx, what, z, n, l, tau);
+        if (st) break;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)l, (int)n, 1.f, a, (int)n, z, (int)l,
+                    0.f, y, (int)l);
+        st = orthonormalize(ctx, what, y, m, l, tau);
+    }
+    if (!st) {
+        /* B = Q^T A [l, n] */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)l, (int)n, (int)m, 1.f, y, (int)l, a, (int)n, 0.f,
+                    b, (int)n);
+        st = svd(ctx, what, b, l, n, &u, &s, &vt);   /* u [l, l], s [l], vt [l, n] */
+    }
+    if (!st) {
+        /* up = Q U_B[:, :r] diag(S_r) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)r, (int)l, 1.f, y, (int)l, u, (int)l,
+                    0.f, up, (int)r);
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < r; j++) up[i * r + j] *= s[j];
+        memcpy(down, vt, (size_t)(r * n) * 4);
+    }
+    lora_free(ctx, om); lora_free(ctx, y); lora_free(ctx, z); lora_free(ctx, tau); lora_free(ctx, b);
+    lora_free(ctx, u); lora_free(ctx, s); lora_free(ctx, vt);
+    return st;
+}
+
+lora_status ops_svd_factor(lora_ctx *ctx, const char *what, float *a, int64_t m, int64_t n, int64_t r,
+                           int32_t method, uint64_t seed, float *up, float *down) {
+    int64_t k = m < n ? m : n;
+    if (method == OPS_SVD_RANDOMIZED && r + OPS_RSVD_OVERSAMPLE < k)
+        return factor_randomized(ctx, what, a, m, n, r, seed, up, down);
+    return factor(ctx, what, a, m, n, r, up, down);   /* exact; also when l would reach min(m, n) */
+}
+
 /* ---- extract -------------------------------------------------------------------------------- */
 
 static lora_status weight_f32(const struct sd_model *m, const struct net_target *t, float **out) {
@@ -324,8 +397,10 @@ static lora_status weight_f32(const struct sd_model *m, const struct net_target 
 }
 
 lora_status ops_extract(const struct sd_model *org, const struct sd_model *tuned, int64_t dim, int64_t conv_dim,
-                        double clamp_q, double min_diff, struct lora_network **out) {
+                        double clamp_q, double min_diff, int32_t svd_method, struct lora_network **out) {
     lora_ctx *ctx = org->ctx;
+    if (svd_method != OPS_SVD_EXACT && svd_method != OPS_SVD_RANDOMIZED)
+        return lora_fail(ctx, LORA_E_CONFIG_RANGE, "extract: unknown SVD method %d", (int)svd_method);
     if (dim < 1 || conv_dim < 0)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE, "extract: dim must be >= 1 and conv_dim >= 0 (got %lld, %lld)",
                          (long long)dim, (long long)conv_dim);
@@ -371,7 +446,8 @@ lora_status ops_extract(const struct sd_model *org, const struct sd_model *tuned
         if (s) break;
         d->alpha_dtype = LORA_DTYPE_I64;   /* torch.tensor(down.size()[0]) */
         int64_t k = t[i].in * t[i].kh * t[i].kw;
-        s = factor(ctx, t[i].name, diff[i], t[i].out, k, r, d->up, d->down);
+        s = ops_svd_factor(ctx, t[i].name, diff[i], t[i].out, k, r, svd_method, 0x5eedULL + (uint64_t)i, d->up,
+                           d->down);
         if (!s) s = clamp_quantile(ctx, d->up, t[i].out * r, d->down, r * k, clamp_q);
         net_module_bind(d);
         if (!s) s = lora_progress(ctx, LORA_PHASE_EXTRACT, i + 1, nt, NAN);

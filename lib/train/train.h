@@ -110,4 +110,88 @@ lora_status train_step(struct train_state *s, const float *latents, const float 
                        const int64_t *timesteps, const int32_t *ids, const float *loss_weights,
                        double *loss);
 
+/* ---- lr_sched.c: diffusers get_scheduler (0.10.2 functions, kohya FEB's get_scheduler_fix) ----
+ * lr(step) = base_lr * factor(step), step = scheduler.step() calls so far (accelerate 0.15 steps
+ * the scheduler on every micro-step, so total = max_train_steps * gradient_accumulation_steps).
+ *   constant                   1 (warmup ignored, as get_scheduler passes none)
+ *   constant_with_warmup       step/max(1,warmup) during warmup, then 1
+ *   linear                     then max(0, (total - step) / max(1, total - warmup))
+ *   cosine                     then max(0, 0.5 (1 + cos(pi * 2 * 0.5 * progress))), progress =
+ *                              (step - warmup) / max(1, total - warmup) (rises again past total,
+ *                              as diffusers does)
+ *   cosine_with_restarts       then 0 if progress >= 1, else 0.5 (1 + cos(pi * ((cycles *
+ *                              progress) mod 1)))
+ *   polynomial                 then (lr_range * (1 - (step - warmup)/(total - warmup))^power +
+ *                              lr_end) / lr_init, and lr_end / lr_init past total, with
+ *                              lr_range = lr_init - lr_end; lr_init is the optimizer's default lr
+ *                              (kohya's --learning_rate), which may differ from a group's lr. */
+enum train_lr_kind {
+    TRAIN_LR_CONSTANT, TRAIN_LR_CONSTANT_WITH_WARMUP, TRAIN_LR_LINEAR, TRAIN_LR_COSINE,
+    TRAIN_LR_COSINE_WITH_RESTARTS, TRAIN_LR_POLYNOMIAL
+};
+struct train_lr_schedule {
+    enum train_lr_kind kind;
+    int64_t warmup, total;    /* lr_warmup_steps, num_training_steps */
+    double num_cycles;        /* cosine_with_restarts (kohya default 1) */
+    double power, lr_end;     /* polynomial (kohya default power 1; lr_end 1e-7) */
+    double lr_init;           /* polynomial: optimizer default lr; <= 0: the base lr itself */
+};
+/* kind constant, warmup 0, total 1, num_cycles 1, power 1, lr_end 1e-7, lr_init 0. */
+void train_lr_schedule_default(struct train_lr_schedule *s);
+/* "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+ * "polynomial" -> kind; LORA_E_INVALID_ARG for other names (NULL ctx allowed). */
+lora_status train_lr_kind_parse(lora_ctx *ctx, const char *name, enum train_lr_kind *kind);
+const char *train_lr_kind_name(enum train_lr_kind kind);
+/* The multiplier of base_lr after `step` scheduler steps (double, as Python computes it). */
+double train_lr_factor(const struct train_lr_schedule *s, double base_lr, int64_t step);
+/* base_lr * train_lr_factor(s, base_lr, step). */
+double train_lr_at(const struct train_lr_schedule *s, double base_lr, int64_t step);
+
+/* ---- optim.c: optimizers on flat float32 parameter / gradient arrays ------------------------
+ * The caller owns parameters, gradients and a state array of train_optim_state_floats(kind, n)
+ * floats, zeroed before the first step; `step` counts optimizer steps including this one (1 on
+ * the first). Nothing allocates. float32 arithmetic as torch's single-tensor loops.
+ *   AdamW  torch.optim.AdamW (state m, v)
+ *   SGD    torch.optim.SGD: d = g + wd p; buf = d on step 1, else momentum buf + (1 - dampening)
+ *          d; d = nesterov ? d + momentum buf : buf; p -= lr d (state buf; momentum 0: none).
+ *          kohya SGDNesterov = momentum 0.9, nesterov.
+ *   Lion   lion-pytorch: p *= 1 - lr wd; p -= lr sign(beta1 m + (1 - beta1) g);
+ *          m = beta2 m + (1 - beta2) g (state m).
+ *   AdamW8bit  bitsandbytes 0.35 AdamW8bit (block_wise, min_8bit_size 4096, no percentile
+ *          clipping), a float32 CPU port of its CUDA kernels: the update is
+ *          p += -lr sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps sqrt(1-b2^t)), THEN p *= 1 - lr wd.
+ *          n < 4096: fp32 m, v (kOptimizer32bit2State). Otherwise the state is blockwise 8-bit
+ *          (kOptimizerStatic8bit2StateBlockwise, blocks of 2048): m as codes of the signed
+ *          dynamic map, v of the unsigned one, each block with its fp32 absmax; every step
+ *          dequantises, updates, takes the new absmax and requantises to the nearest code
+ *          (quantize_2D), keeping m's sign. State layout: absmax1[nb], absmax2[nb] floats,
+ *          then the m codes [n] and v codes [n] as bytes (nb = ceil(n / 2048)). */
+enum train_optim_kind { TRAIN_OPT_ADAMW, TRAIN_OPT_SGD, TRAIN_OPT_LION, TRAIN_OPT_ADAMW8BIT };
+struct train_optim_opts {
+    enum train_optim_kind kind;
+    double beta1, beta2, eps, weight_decay;   /* AdamW, Lion (betas), SGD (weight_decay) */
+    double momentum, dampening;               /* SGD */
+    int32_t nesterov;                         /* SGD */
+};
+/* Per kind: AdamW betas (0.9, 0.999), eps 1e-8, wd 0.01; SGD momentum 0, dampening 0, wd 0,
+ * no nesterov (torch); Lion betas (0.9, 0.99), wd 0. train_optim_sgd_nesterov: kohya's
+ * SGDNesterov (momentum 0.9, nesterov). */
+void train_optim_default(struct train_optim_opts *o, enum train_optim_kind kind);
+void train_optim_sgd_nesterov(struct train_optim_opts *o);
+/* "AdamW", "AdamW8bit", "SGDNesterov", "Lion" (case-insensitive; kohya's --optimizer_type) ->
+ * opts with their defaults (AdamW8bit as AdamW); LORA_E_UNSUPPORTED for others (DAdaptation,
+ * AdaFactor, SGDNesterov8bit, ...). */
+lora_status train_optim_parse(lora_ctx *ctx, const char *name, struct train_optim_opts *o);
+/* State floats per parameter tensor of n elements: AdamW 2n, SGD n (0 without momentum), Lion n,
+ * AdamW8bit 2n for n < 4096 else 2 ceil(n/2048) + ceil(2n/4). */
+int64_t train_optim_state_floats(const struct train_optim_opts *o, int64_t n);
+/* One step of n parameters. Options are checked (finite lr >= 0, betas in [0, 1), momentum >= 0,
+ * nesterov needs momentum > 0 and dampening 0, step >= 1): LORA_E_INVALID_ARG otherwise. */
+/* bitsandbytes create_dynamic_map(signed, n=7): 256 sorted codes in [-1, 1] / [0, 1]. torch's
+ * float32 linspace is reproduced with its scalar formula; a few codes may differ from torch's
+ * vectorised linspace by an ulp. */
+void train_bnb_dynamic_map(float code[256], int is_signed);
+lora_status train_optim_step(lora_ctx *ctx, const struct train_optim_opts *o, float *p,
+                             const float *g, float *state, int64_t n, double lr, int64_t step);
+
 #endif
