@@ -15,47 +15,54 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
-# scripts/bench.sh unet [reps]: SD1.5-shaped U-Net forward and forward+backward (input grads)
-# against diffusers UNet2DConditionModel on PyTorch CPU (needs tests/reference/.venv)
+
+py=tests/reference/.venv/bin/python
+ours=$(mktemp); peer=$(mktemp)
+trap 'rm -f "$ours" "$peer"' EXIT
+
+# build_bench TARGET...: release build of the benchmark targets (no CUDA) in build-bench/
+build_bench() {
+    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
+    ninja -C build-bench "$@" >/dev/null
+}
+
+machine() { echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores$*"; }
+
+# table WIDTH OURS_LABEL PEER_LABEL time|rate: both sides' "# ..." lines, then one row per case
+# of $ours ("name value ...") with the peer's value for the same name and the ratio, always
+# oriented so that > 1 means liblora is faster.
+table() {
+    w=$1 kind=$4
+    grep '^#' "$ours" || true; grep '^#' "$peer" || true
+    printf "%-${w}s %16s %16s %8s\n" case "$2" "$3" ratio
+    grep -v '^#' "$ours" | while read -r name v rest; do
+        p=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
+        r=$(awk -v a="$v" -v b="$p" -v k="$kind" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", k == "time" ? b / a : a / b; else print "-" }')
+        printf "%-${w}s %16s %16s %8s\n" "$name" "$v" "${p:--}" "$r"
+    done
+    echo "(ratio > 1: liblora faster than the peer on this machine in this run)"
+}
+# unet [reps]: SD1.5-shaped U-Net forward and forward+backward (input grads) against diffusers
 if [ "${1:-}" = "unet" ]; then
     reps=${2:-1}
-    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
-    ninja -C build-bench bench/bench_unet >/dev/null
-    py=tests/reference/.venv/bin/python
+    build_bench bench/bench_unet
     [ -f build-bench/sd15_random.safetensors ] || $py bench/load_peer.py write build-bench
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
-    ours=$(mktemp); peer=$(mktemp)
-    trap 'rm -f "$ours" "$peer"' EXIT
+    machine
     build-bench/bench/bench_unet "$reps" > "$ours"
     $py bench/unet_peer.py "$reps" "$(nproc)" > "$peer"
-    grep '^#' "$ours"; grep '^#' "$peer"
-    printf '%-14s %12s %12s %8s\n' case "liblora s" "pytorch s" ratio
-    grep -v '^#' "$ours" | while read -r name v; do
-        p=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
-        printf '%-14s %12s %12s %8s\n' "$name" "$v" "${p:--}" "$(awk -v a="$v" -v b="$p" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", b / a; else print "-" }')"
-    done
-    echo "(ratio = pytorch time / liblora time: > 1 means liblora is faster, this machine, this run)"
+    table 14 "liblora s" "pytorch s" time
     exit 0
 fi
-# scripts/bench.sh tokenizer [reps]: CLIP tokenizer prompts/s against transformers' slow
-# CLIPTokenizer with ftfy (the peer needs tests/reference/.venv, see tests/reference/README.md)
+# tokenizer [reps]: prompts/s against transformers' slow CLIPTokenizer with ftfy
 if [ "${1:-}" = "tokenizer" ]; then
     reps=${2:-200}
-    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
-    ninja -C build-bench bench/bench_tokenizer >/dev/null
+    build_bench bench/bench_tokenizer
     fixture=tests/data/tokenizer/reference_ids.json
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
-    ours=$(mktemp); peer=$(mktemp)
-    trap 'rm -f "$ours" "$peer"' EXIT
+    machine
     build-bench/bench/bench_tokenizer "$reps" "$fixture" > "$ours"
-    tests/reference/.venv/bin/python bench/tokenizer_peer.py "$(( reps / 40 + 1 ))" "$fixture" > "$peer"
-    grep '^#' "$ours"; grep '^#' "$peer"
-    printf '%-14s %16s %16s %8s\n' case "liblora prompt/s" "python prompt/s" ratio
-    grep -v '^#' "$ours" | while read -r name v; do
-        p=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
-        printf '%-14s %16s %16s %8s\n' "$name" "$v" "${p:--}" "$(awk -v a="$v" -v b="$p" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }')"
-    done
-    echo "(ratio > 1: liblora faster than the peer on this machine in this run; _cold has no peer)"
+    $py bench/tokenizer_peer.py "$(( reps / 40 + 1 ))" "$fixture" > "$peer"
+    table 14 "liblora prompt/s" "python prompt/s" rate
+    echo "(_cold has no peer)"
     exit 0
 fi
 # scripts/bench.sh ops [all|subset]: extraction of the 264 SD1.5-size LoRA modules at dim 64,
@@ -63,12 +70,8 @@ fi
 # PyTorch CPU with the same threads (needs tests/reference/.venv). The peer always times one module
 # per distinct shape and scales by the shape's count; ours too unless "all".
 if [ "${1:-}" = "ops" ]; then
-    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
-    ninja -C build-bench bench/bench_ops >/dev/null
-    py=tests/reference/.venv/bin/python
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
-    ours=$(mktemp); peer=$(mktemp)
-    trap 'rm -f "$ours" "$peer"' EXIT
+    build_bench bench/bench_ops
+    machine
     build-bench/bench/bench_ops "${2:-subset}" > "$ours"
     threads=$(sed -n 's/.*threads(openblas): \([0-9]*\).*/\1/p' "$ours")
     $py bench/ops_peer.py "${threads:-$(nproc)}" > "$peer"
@@ -85,16 +88,13 @@ if [ "${1:-}" = "ops" ]; then
 fi
 if [ "${1:-}" = "load" ]; then
     reps=${2:-3}
-    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
-    ninja -C build-bench bench/bench_load >/dev/null
-    py=tests/reference/.venv/bin/python
+    build_bench bench/bench_load tools/lora
     [ -f build-bench/sd15_random.ckpt ] || $py bench/load_peer.py write build-bench
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
+    machine ", $(free -g | awk '/Mem:/ {print $2}') GiB"
     ls -la build-bench/sd15_random.safetensors build-bench/sd15_random.ckpt | awk '{print $9, $5, "bytes"}'
     build-bench/bench/bench_load "$reps" build-bench/sd15_random.safetensors build-bench/sd15_random.ckpt
     $py bench/load_peer.py time build-bench "$reps"
     # the real SD shapes exercise the LDM -> diffusers path the tiny test models cannot
-    ninja -C build-bench tools/lora >/dev/null
     rm -rf build-bench/sd15_diffusers build-bench/sd15_back.safetensors
     start=$(date +%s.%N)
     build-bench/tools/lora convert build-bench/sd15_random.safetensors build-bench/sd15_diffusers 2>/dev/null
@@ -106,22 +106,12 @@ if [ "${1:-}" = "load" ]; then
 fi
 if [ "${1:-}" = "clip" ]; then
     reps=${2:-5}
-    [ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
-    ninja -C build-bench bench/bench_clip >/dev/null
-    py=tests/reference/.venv/bin/python
-    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
-    ours=$(mktemp); peer=$(mktemp)
-    trap 'rm -f "$ours" "$peer"' EXIT
+    build_bench bench/bench_clip
+    machine
     build-bench/bench/bench_clip "$reps" > "$ours"
     threads=$(sed -n 's/^# threads(ctx): //p' "$ours")
     $py bench/clip_peer.py "$reps" "${threads:-$(nproc)}" > "$peer"
-    grep '^#' "$ours"; grep '^#' "$peer"
-    printf '%-22s %12s %12s %8s\n' case "liblora ms" "torch ms" ratio
-    grep -v '^#' "$ours" | while read -r name ms; do
-        pms=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
-        printf '%-22s %12s %12s %8s\n' "$name" "$ms" "$pms" "$(awk -v a="$ms" -v b="$pms" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", b / a; else print "-" }')"
-    done
-    echo "(ratio = torch time / liblora time: > 1 means liblora is faster on this machine in this run)"
+    table 22 "liblora ms" "torch ms" time
     exit 0
 fi
 for p in python3-numpy python3-threadpoolctl; do   # the peer, and the report of its BLAS
@@ -129,19 +119,9 @@ for p in python3-numpy python3-threadpoolctl; do   # the peer, and the report of
         { [ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
 done
 reps=${1:-7}
-[ -f build-bench/build.ninja ] || meson setup build-bench -Dcuda=disabled -Dbuildtype=release >/dev/null
-ninja -C build-bench bench/bench_gemm >/dev/null
-
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+build_bench bench/bench_gemm
+machine
 echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-unset} OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
-ours=$(mktemp); peer=$(mktemp)
-trap 'rm -f "$ours" "$peer"' EXIT
 build-bench/bench/bench_gemm "$reps" > "$ours"
 /usr/bin/python3 bench/peer_numpy.py "$reps" > "$peer"
-grep '^#' "$ours"; grep '^#' "$peer"
-printf '%-30s %12s %12s %8s\n' case "liblora GF/s" "numpy GF/s" ratio
-grep -v '^#' "$ours" | while read -r name gf ms; do
-    pgf=$(awk -v n="$name" '$1 == n {print $2}' "$peer")
-    printf '%-30s %12s %12s %8s\n' "$name" "$gf" "$pgf" "$(awk -v a="$gf" -v b="$pgf" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')"
-done
-echo "(ratio > 1: liblora faster than the peer on this machine in this run)"
+table 30 "liblora GF/s" "numpy GF/s" rate
