@@ -50,6 +50,12 @@ LORA_API lora_status lora_network_save(const lora_network *net, const char *path
 
 LORA_API void lora_network_free(lora_network *net) {
     if (!net_valid(net)) return;
+    if (net->attached > 0) {
+        /* attached models still read its factors: the last detach (or model free) frees it */
+        net->user_freed = 1;
+        net->magic = 0;
+        return;
+    }
     lora_ctx *ctx = net->ctx;
     net_free(net);
     lora_ctx_release(ctx);
@@ -139,9 +145,54 @@ LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_netw
     if (!net_valid(net) || !model_ok(model) || net->ctx != model->ctx) return LORA_E_INVALID_ARG;
     lora_ctx *ctx = net->ctx;
     LORA_TRY(lora_enter(ctx));
-    lora_status s = net_merge(net, &model->sd, multiplier);
-    model_drop_runs(model);   /* cached fp32 networks no longer match the weights */
+    /* also into the float32 bases of weights replaced by runtime attachments; drops the
+     * cached fp32 networks, which no longer match the weights */
+    lora_status s = attach_merge(model, net, multiplier);
     if (s == LORA_OK) s = lora_progress(ctx, LORA_PHASE_MERGE, 1, 1, NAN);
     lora_leave(ctx);
     return s;
+}
+
+/* ---- runtime attachment (lib/network/attach.c) ----------------------------------------------- */
+
+LORA_API lora_status lora_model_attach(lora_model *model, lora_network *net, double multiplier,
+                                       lora_apply_mode mode) {
+    if (!net_valid(net) || !model_ok(model) || net->ctx != model->ctx) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = attach_add(model, net, multiplier, mode);
+    lora_leave(ctx);
+    return s;
+}
+
+LORA_API lora_status lora_model_set_multiplier(lora_model *model, const lora_network *net, double multiplier) {
+    if (!net_valid(net) || !model_ok(model) || net->ctx != model->ctx) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = attach_set_multiplier(model, net, multiplier);
+    lora_leave(ctx);
+    return s;
+}
+
+LORA_API lora_status lora_model_detach(lora_model *model, const lora_network *net) {
+    if (!net_valid(net) || !model_ok(model) || net->ctx != model->ctx) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = attach_remove(model, net);
+    lora_leave(ctx);
+    return s;
+}
+
+LORA_API lora_status lora_model_detach_all(lora_model *model) {
+    if (!model_ok(model)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = model->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s = attach_remove_all(model);
+    lora_leave(ctx);
+    return s;
+}
+
+LORA_API int64_t lora_model_attached_count(const lora_model *model) {
+    if (!model_ok(model)) return -1;
+    return model->attach ? model->attach->n_nets : 0;
 }

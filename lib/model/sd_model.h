@@ -59,6 +59,9 @@ struct lora_model {
     lora_tokenizer *tokenizer;   /* likewise */
     struct model_unet_run *unet_run;   /* fp32 U-Net + a plan for the last shape (unet_predict) */
     struct model_vae_run *vae_run;     /* fp32 VAE + a plan for the last shape (vae_encode/decode) */
+    /* LoRA networks attached at run time and the base weights they replaced
+     * (lib/network/attach.c; NULL until the first lora_model_attach). */
+    struct model_attach *attach;
 };
 
 /* Drops the cached fp32 U-Net / VAE (lora_model_unet_predict, lora_model_vae_*): call it after
@@ -66,6 +69,9 @@ struct lora_model {
 void model_drop_image_runs(struct lora_model *m);
 /* Drops the text-encoder and image runs: every cached network built from the weights. */
 void model_drop_runs(struct lora_model *m);
+/* Model teardown for runtime-attached LoRA networks (lib/network/attach.c): the original
+ * tensors go back into the maps and the networks are released. NULL attach: no-op. */
+void attach_release(struct lora_model *m);
 
 void sd_model_init(struct sd_model *m, lora_ctx *ctx);
 void sd_model_clear(struct sd_model *m);

@@ -261,6 +261,25 @@ static lora_status load_module(lora_ctx *ctx, const char *path, const struct ten
     return LORA_OK;
 }
 
+/* Tensor-name suffixes of network types other than kohya's LoRA/LoCon (LyCORIS and others):
+ * such files are refused by name rather than loaded as "no matching keys". */
+static const char *foreign_kind(const char *key) {
+    static const struct { const char *suffix, *kind; } k[] = {
+        {".hada_w1_a", "LyCORIS LoHa"}, {".hada_w1_b", "LyCORIS LoHa"}, {".hada_w2_a", "LyCORIS LoHa"},
+        {".hada_w2_b", "LyCORIS LoHa"}, {".hada_t1", "LyCORIS LoHa (Tucker)"}, {".hada_t2", "LyCORIS LoHa (Tucker)"},
+        {".lokr_w1", "LyCORIS LoKr"}, {".lokr_w1_a", "LyCORIS LoKr"}, {".lokr_w1_b", "LyCORIS LoKr"},
+        {".lokr_w2", "LyCORIS LoKr"}, {".lokr_w2_a", "LyCORIS LoKr"}, {".lokr_w2_b", "LyCORIS LoKr"},
+        {".lokr_t2", "LyCORIS LoKr (Tucker)"}, {".lora_mid.weight", "LyCORIS LoCon with Tucker decomposition"},
+        {".dora_scale", "DoRA"}, {".oft_blocks", "OFT"}, {".oft_diag", "OFT"}, {".a1.weight", "GLoRA"},
+        {".diff", "LyCORIS full-difference"}, {".diff_b", "LyCORIS full-difference"}, {".w_norm", "LyCORIS norm"},
+        {".lora_A.weight", "PEFT/diffusers LoRA (lora_A/lora_B)"}, {".lora.down.weight", "diffusers LoRA"},
+        {"_lora.down.weight", "diffusers attention-processor LoRA"},
+    };
+    for (size_t i = 0; i < sizeof k / sizeof *k; i++)
+        if (ends_with(key, k[i].suffix)) return k[i].kind;
+    return NULL;
+}
+
 lora_status net_load(lora_ctx *ctx, const char *path, struct lora_network **out) {
     struct tensor_map map;
     tmap_init(&map, ctx);
@@ -268,6 +287,16 @@ lora_status net_load(lora_ctx *ctx, const char *path, struct lora_network **out)
     int is_st = ends_with(path, ".safetensors");
     s = is_st ? st_read_map(ctx, path, &map, NULL) : ckpt_read(ctx, path, &map);
     if (s) return s;
+    for (int64_t i = 0; i < map.n; i++) {
+        const char *kind = foreign_kind(map.t[i].name);
+        if (!kind) continue;
+        s = lora_fail(ctx, LORA_E_UNSUPPORTED,
+                      "%s: tensor '%s' belongs to a %s network, which liblora does not apply: only kohya "
+                      "LoRA/LoCon files (<name>.lora_down.weight, .lora_up.weight, .alpha) are supported",
+                      path, map.t[i].name, kind);
+        tmap_clear(&map);
+        return s;
+    }
     int64_t n = 0;
     for (int64_t i = 0; i < map.n; i++)
         if (ends_with(map.t[i].name, ".lora_down.weight")) n++;
@@ -437,22 +466,43 @@ static int shapes_ok(const struct net_module *mm, const struct net_target *t) {
     return mm->kh == t->kh && mm->kw == t->kw;
 }
 
+static int all_zero(const float *v, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (v[i] != 0.0f) return 0;
+    return 1;
+}
+
+/* SDXL LoRA names (kohya HEAD, spec §2.6): lora_te1_/lora_te2_ and LDM-style U-Net blocks. */
+static int is_sdxl_name(const char *n) {
+    return strncmp(n, "lora_te1_", 9) == 0 || strncmp(n, "lora_te2_", 9) == 0 ||
+           strncmp(n, "lora_unet_input_blocks_", 23) == 0 || strncmp(n, "lora_unet_middle_block_", 23) == 0 ||
+           strncmp(n, "lora_unet_output_blocks_", 24) == 0;
+}
+
 lora_status net_coverage(const struct lora_network *net, const struct sd_model *m, int64_t *matched,
                          int64_t *unused, int64_t *mismatch) {
     lora_ctx *ctx = net->ctx;
     struct net_target *t = NULL;
     int64_t nt = 0;
     LORA_TRY(net_targets(m, 1, &t, &nt));
-    int64_t nm = 0, nu = 0, nx = 0;
+    int64_t nm = 0, nu = 0, nx = 0, n_sdxl = 0, n_zero = 0;
     char first[600] = "";
     size_t fl = 0;
     for (int64_t i = 0; i < net->n; i++) {
         const struct net_module *mm = &net->m[i];
         const struct net_target *tg = find_target(t, nt, mm->name);
         const char *why = NULL;
-        if (!tg) { nu++; why = "no such module"; }
-        else if (!shapes_ok(mm, tg)) { nx++; why = "shape mismatch"; }
-        else nm++;
+        if (!tg) {
+            nu++;
+            why = "no such module";
+            if (is_sdxl_name(mm->name)) { n_sdxl++; why = "no such module: an SDXL (LDM-named) module"; }
+        } else if (!shapes_ok(mm, tg)) {
+            nx++;
+            why = "shape mismatch";
+        } else {
+            nm++;
+            if (all_zero(mm->up, mm->out * mm->rank) || all_zero(mm->down, mm->rank * mm->in * mm->kh * mm->kw)) n_zero++;
+        }
         if (why) {
             if (tg)
                 lora_log(ctx, LORA_LOG_WARN, "LoRA module '%s': [%lld, %lld, %lld, %lld] does not fit '%s' [%lld, %lld, %lld, %lld]",
@@ -471,13 +521,26 @@ lora_status net_coverage(const struct lora_network *net, const struct sd_model *
     if (matched) *matched = nm;
     if (unused) *unused = nu;
     if (mismatch) *mismatch = nx;
+    /* the likely reason, for the "network does nothing" reports users send */
+    const char *hint = "";
+    if (n_sdxl > 0 && n_sdxl * 2 >= nu + nx) hint = " (lora_te1_/lora_te2_/input_blocks names: a network for SDXL, "
+                                                     "not SD v1/v2)";
+    else if (nx > 0 && nx >= nu) hint = " (the widths differ: a network for another model, e.g. SD v1 vs v2)";
+    else if (nu > 0 && nm == 0) hint = " (the names are not kohya's diffusers-based module names of this model)";
     if (nm == 0 && net->n > 0)
         return lora_fail(ctx, LORA_E_NO_MATCHING_KEYS,
-                         "none of the %lld LoRA modules fits the model (%lld unknown, %lld shape mismatches): %s%s",
-                         (long long)net->n, (long long)nu, (long long)nx, first, nu + nx > 3 ? ", ..." : "");
+                         "none of the %lld LoRA modules fits the model (%lld unknown, %lld shape mismatches)%s: %s%s",
+                         (long long)net->n, (long long)nu, (long long)nx, hint, first, nu + nx > 3 ? ", ..." : "");
+    if (n_zero == nm && nm > 0)
+        lora_log(ctx, LORA_LOG_WARN,
+                 "the network does nothing: every matching module has an all-zero lora_up or lora_down (a freshly "
+                 "created or untrained network)");
+    else if (n_zero > 0)
+        lora_log(ctx, LORA_LOG_INFO, "%lld of %lld matching LoRA modules are all-zero (no effect)", (long long)n_zero,
+                 (long long)nm);
     if (nu + nx)
-        lora_log(ctx, LORA_LOG_WARN, "%lld of %lld LoRA modules do not fit the model: %s%s", (long long)(nu + nx),
-                 (long long)net->n, first, nu + nx > 3 ? ", ..." : "");
+        lora_log(ctx, LORA_LOG_WARN, "%lld of %lld LoRA modules do not fit the model%s: %s%s", (long long)(nu + nx),
+                 (long long)net->n, hint, first, nu + nx > 3 ? ", ..." : "");
     return LORA_OK;
 }
 

@@ -51,6 +51,8 @@ struct lora_network {
     struct net_module *m;
     int64_t n_meta;
     char **meta_keys, **meta_vals;
+    int32_t attached;     /* runtime attachments holding it (lib/network/attach.c) */
+    int32_t user_freed;   /* lora_network_free ran while attached: freed at the last detach */
 };
 
 /* An empty network handle with room for `n` modules (the merge/extract/resize ops build
@@ -78,5 +80,43 @@ lora_status net_merge(const struct lora_network *net, struct sd_model *m, double
 
 /* Element-wise conversions between a tensor's dtype and float32/double. */
 lora_status net_to_f32(lora_ctx *ctx, const char *name, lora_dtype dt, const void *src, int64_t n, float *dst);
+
+/* ---- runtime application (lib/network/attach.c) -------------------------------------------
+ * Networks applied to a model's weights without losing the base: every base weight an attached
+ * network touches is replaced by a float32 buffer rebuilt as base + sum_i m_i * alpha_i/r_i *
+ * up_i @ down_i on every attach, detach and multiplier change (the base is the original tensor,
+ * kept untouched, so there is no drift); the cached fp32 runs are dropped after each change. */
+
+/* One base weight replaced while networks are attached. */
+struct attach_weight {
+    int32_t is_te;
+    char *weight;              /* tensor name in sd.te / sd.unet */
+    struct lora_tensor orig;   /* the tensor as it was (data owned when orig.owned) */
+    float *base;               /* NULL, or the float32 base after LORA_APPLY_MERGE merges */
+    float *live;               /* float32 weights installed in the map (borrowed by it) */
+    int64_t numel;
+    int32_t used;              /* scratch for a rebuild */
+};
+
+struct attach_entry {
+    struct lora_network *net;
+    double multiplier;
+};
+
+struct model_attach {
+    int64_t n_nets, cap_nets;
+    struct attach_entry *nets;
+    int64_t n_w, cap_w;
+    struct attach_weight *w;
+};
+
+lora_status attach_add(struct lora_model *m, struct lora_network *net, double multiplier, int32_t mode);
+/* W += multiplier * alpha/r * up @ down for good (LORA_APPLY_MERGE, lora_model_merge_network):
+ * into the float32 base of weights replaced by attachments, else as net_merge. */
+lora_status attach_merge(struct lora_model *m, const struct lora_network *net, double multiplier);
+lora_status attach_set_multiplier(struct lora_model *m, const struct lora_network *net, double multiplier);
+lora_status attach_remove(struct lora_model *m, const struct lora_network *net);
+lora_status attach_remove_all(struct lora_model *m);
+/* (attach_release, for the model's free path, is declared in model/sd_model.h.) */
 
 #endif
