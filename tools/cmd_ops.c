@@ -76,19 +76,22 @@ int cmd_merge(lora_ctx *ctx, int argc, char **argv) {
     lora_params *opts = rc ? NULL : save_opts(ctx, save_prec, save_to, sd_model != NULL);
     if (!rc && !opts) rc = cli_fail(ctx, LORA_E_NOMEM, "options");
     if (!rc && sd_model) {
+        /* streamed file to file: memory stays near one tensor beyond the model's mapping */
         lora_params *lo = NULL;
-        lora_model *m = NULL;
-        if (lora_params_create(ctx, &lo) == LORA_OK && v2) lora_params_set_int(lo, LORA_P_V2, 1);
-        if ((s = lora_model_load(ctx, sd_model, lo, &m)) != LORA_OK) rc = cli_fail(ctx, s, "loading the model");
-        else if ((s = lora_model_cast(m, prec_dtype(prec))) != LORA_OK) rc = cli_fail(ctx, s, "cast");
-        else if ((s = lora_merge_into_model(m, (const lora_network *const *)nets, ratios, nm)) != LORA_OK)
+        if (lora_params_create(ctx, &lo) != LORA_OK) rc = cli_fail(ctx, LORA_E_NOMEM, "options");
+        else if ((v2 && (s = lora_params_set_int(lo, LORA_P_V2, 1)) != LORA_OK) ||
+                 (s = lora_params_set_string(lo, LORA_P_PRECISION, prec)) != LORA_OK ||
+                 (s = lora_params_set_string(lo, LORA_P_SAVE_PRECISION, save_prec)) != LORA_OK)
+            rc = cli_fail(ctx, s, "options");
+        else if ((s = lora_merge_file(ctx, sd_model, (const lora_network *const *)nets, ratios, nm, save_to, lo)) != LORA_OK)
             rc = cli_fail(ctx, s, "merge");
-        else if ((s = lora_model_save(m, save_to, opts)) != LORA_OK) rc = cli_fail(ctx, s, "save");
-        lora_model_free(m);
         lora_params_free(lo);
     } else if (!rc) {
         lora_network *o = NULL;
-        if ((s = lora_merge_networks(ctx, (const lora_network *const *)nets, ratios, nm, new_rank, new_conv_rank, &o)) != LORA_OK)
+        if (lora_params_set_int(opts, LORA_P_NEW_RANK, new_rank) != LORA_OK ||
+            lora_params_set_int(opts, LORA_P_NEW_CONV_RANK, new_conv_rank) != LORA_OK)
+            rc = cli_fail(ctx, LORA_E_CONFIG_RANGE, "--new_rank / --new_conv_rank");
+        else if ((s = lora_merge_networks_ex(ctx, (const lora_network *const *)nets, ratios, nm, opts, &o)) != LORA_OK)
             rc = cli_fail(ctx, s, "merge");
         else if ((s = lora_network_save(o, save_to, opts)) != LORA_OK) rc = cli_fail(ctx, s, "save");
         lora_network_free(o);
@@ -100,7 +103,7 @@ int cmd_merge(lora_ctx *ctx, int argc, char **argv) {
 }
 
 int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
-    const char *org = NULL, *tuned = NULL, *save_to = NULL, *save_prec = NULL;
+    const char *org = NULL, *tuned = NULL, *save_to = NULL, *save_prec = NULL, *device = NULL;
     int dim = 4, conv_dim = 0, v2 = 0, randomized = 0;
     double clamp = 0.99, min_diff = 0.01;
     for (int i = 0; i < argc; i++) {
@@ -113,13 +116,18 @@ int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
         else if (strcmp(a, "--conv_dim") == 0 && i + 1 < argc) conv_dim = atoi(argv[++i]);
         else if (strcmp(a, "--clamp_quantile") == 0 && i + 1 < argc) clamp = strtod(argv[++i], NULL);
         else if (strcmp(a, "--min_diff") == 0 && i + 1 < argc) min_diff = strtod(argv[++i], NULL);
-        else if (strcmp(a, "--device") == 0 && i + 1 < argc) { if (strcmp(argv[++i], "cpu") != 0) fprintf(stderr, "lora extract: --device %s: only the CPU is implemented; using it\n", argv[i]); }
+        else if (strcmp(a, "--device") == 0 && i + 1 < argc) {
+            device = argv[++i];
+            /* torch device names: cuda, cuda:0 -> cuSOLVER (CPU fallback with a warning) */
+            device = strncmp(device, "cuda", 4) == 0 ? "cuda" : strcmp(device, "cpu") == 0 ? "cpu" : device;
+        }
         else if (strcmp(a, "--v2") == 0) v2 = 1;
         else if (strcmp(a, "--svd") == 0 && i + 1 < argc) {
             const char *m = argv[++i];
             if (strcmp(m, "exact") == 0) randomized = 0;
             else if (strcmp(m, "randomized") == 0) randomized = 1;
-            else { fprintf(stderr, "lora extract: --svd %s: want exact or randomized\n", m); return 2; }
+            else if (strcmp(m, "gram") == 0) randomized = 2;
+            else { fprintf(stderr, "lora extract: --svd %s: want exact, randomized or gram\n", m); return 2; }
         }
         else if (strcmp(a, "--verbose") == 0) continue;
         else { fprintf(stderr, "lora extract: unknown or incomplete option '%s'\n", a); return 2; }
@@ -127,7 +135,7 @@ int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
     if (!org || !tuned || !save_to || (save_prec && !prec_dtype(save_prec))) {
         fprintf(stderr, "usage: lora extract --model_org A --model_tuned B --save_to OUT [--dim 4] [--conv_dim N] [--v2]\n"
                         "                    [--save_precision float|fp16|bf16] [--clamp_quantile 0.99] [--min_diff 0.01]\n"
-                        "                    [--svd exact|randomized]\n");
+                        "                    [--svd exact|randomized|gram] [--device cpu|cuda]\n");
         return 2;
     }
     lora_params *lo = NULL;
@@ -136,10 +144,19 @@ int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
     lora_status s;
     int rc = 0;
     if (lora_params_create(ctx, &lo) == LORA_OK && v2) lora_params_set_int(lo, LORA_P_V2, 1);
-    lora_params *opts = save_opts(ctx, save_prec, save_to, 0);
-    if ((s = lora_model_load(ctx, org, lo, &a)) != LORA_OK) rc = cli_fail(ctx, s, org);
+    lora_params *opts = save_opts(ctx, save_prec, save_to, 0), *xo = NULL;
+    if (lora_params_create(ctx, &xo) != LORA_OK) rc = cli_fail(ctx, LORA_E_NOMEM, "options");
+    else if ((s = lora_params_set_int(xo, LORA_P_DIM, dim)) != LORA_OK ||
+             (s = lora_params_set_int(xo, LORA_P_CONV_DIM, conv_dim)) != LORA_OK ||
+             (s = lora_params_set_float(xo, LORA_P_CLAMP_QUANTILE, clamp)) != LORA_OK ||
+             (s = lora_params_set_float(xo, LORA_P_MIN_DIFF, min_diff)) != LORA_OK ||
+             (s = lora_params_set_string(xo, LORA_P_SVD, randomized == 2 ? "gram" : randomized ? "randomized" : "exact")) != LORA_OK ||
+             (device && (s = lora_params_set_string(xo, LORA_P_DEVICE, device)) != LORA_OK))
+        rc = cli_fail(ctx, s, "options");
+    if (rc) {
+    } else if ((s = lora_model_load(ctx, org, lo, &a)) != LORA_OK) rc = cli_fail(ctx, s, org);
     else if ((s = lora_model_load(ctx, tuned, lo, &b)) != LORA_OK) rc = cli_fail(ctx, s, tuned);
-    else if ((s = lora_extract(a, b, dim, conv_dim, clamp, min_diff, randomized ? LORA_SVD_RANDOMIZED : LORA_SVD_EXACT, &o)) != LORA_OK) rc = cli_fail(ctx, s, "extract");
+    else if ((s = lora_extract_ex(a, b, xo, &o)) != LORA_OK) rc = cli_fail(ctx, s, "extract");
     else if ((s = lora_network_save(o, save_to, opts)) != LORA_OK) rc = cli_fail(ctx, s, "save");
     if (!rc) {
         int64_t n = 0, te = 0;
@@ -151,6 +168,7 @@ int cmd_extract(lora_ctx *ctx, int argc, char **argv) {
     lora_model_free(a);
     lora_model_free(b);
     lora_params_free(lo);
+    lora_params_free(xo);
     lora_params_free(opts);
     return rc;
 }

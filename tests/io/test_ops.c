@@ -5,7 +5,9 @@
 
 #include "core/dtype.h"
 #include "io/st_map.h"
+#include "core/rng.h"
 #include "network/network.h"
+#include "ops/ops.h"
 #include "../test.h"
 
 static const char *data_dir;
@@ -273,7 +275,7 @@ static void test_extract_randomized(lora_ctx *ctx, lora_model *org, lora_model *
         int64_t k = a->in * a->kh * a->kw, numel = 0;
         float *pa = product(a->up, a->down, a->out, a->rank, k), *pb = product(b->up, b->down, b->out, b->rank, k);
         double e = rel(pb, pa, a->out * k);
-        int is_sampled = a->rank + 10 < (a->out < k ? a->out : k);
+        int is_sampled = (a->rank + OPS_RSVD_OVERSAMPLE) * (OPS_RSVD_POWER + 1) < (a->out < k ? a->out : k);
         sampled += is_sampled;
         if (e > worst) worst = e;
         float *d = module_delta(org, tm, a->name, &numel);
@@ -331,6 +333,66 @@ static void test_extract(lora_ctx *ctx) {
     }
     lora_network_free(o);
     o = NULL;
+    /* the params-bag form (keys 5001-5011) computes the same network, on the CPU when a device
+     * is asked for and none is usable (the products equal kohya's) */
+    lora_params *xp = NULL;
+    CHECK_STATUS(lora_params_create(ctx, &xp), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "dim", "2"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "conv_dim", "1"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "--min_diff", "1e-6"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "clamp_quantile", "0.99"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "svd", "exact"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "device", "cuda"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "svd", "qr"), LORA_E_CONFIG_RANGE);
+    CHECK_STATUS(lora_extract_ex(org, tm, xp, &o), LORA_OK);
+    if (o) compare_products(ctx, o, &f, 1e-4, "extract_ex");
+    lora_network_free(o);
+    o = NULL;
+    /* gram: the products of ops_svd_factor equal sgesdd's on every module's dW (the quantile
+     * clamp after it is not sign-invariant, even at quantile 1: its bound is the largest value,
+     * not the largest magnitude, so the factors are compared before it); where sigma_r ~
+     * sigma_r+1 the rank-r product is ambiguous and the reconstruction errors must agree */
+    CHECK_STATUS(lora_params_parse(xp, "svd", "gram"), LORA_OK);
+    CHECK_STATUS(lora_params_parse(xp, "device", "cpu"), LORA_OK);
+    lora_network *g1 = NULL, *g0 = NULL;
+    CHECK_STATUS(lora_extract_ex(org, tm, xp, &g1), LORA_OK);
+    CHECK_STATUS(lora_extract(org, tm, 2, 1, 0.99, 1e-6, LORA_SVD_EXACT, &g0), LORA_OK);
+    if (g0 && g1) {
+        int64_t bad = 0, amb = 0;
+        double worst = 0, worst_err = 0;
+        for (int64_t i = 0; i < g0->n && i < g1->n; i++) {
+            const struct net_module *a = &g0->m[i];
+            int64_t k = a->in * a->kh * a->kw, numel = 0, r = a->rank;
+            bad += strcmp(a->name, g1->m[i].name) != 0 || r != g1->m[i].rank;
+            float *d = module_delta(org, tm, a->name, &numel);
+            if (!d || numel != a->out * k) { bad++; free(d); continue; }
+            float *w = malloc((size_t)numel * 4), *u0 = malloc((size_t)(a->out * r) * 4), *v0 = malloc((size_t)(r * k) * 4);
+            float *u1 = malloc((size_t)(a->out * r) * 4), *v1 = malloc((size_t)(r * k) * 4);
+            memcpy(w, d, (size_t)numel * 4);
+            CHECK_STATUS(ops_svd_factor(ctx, a->name, w, a->out, k, r, OPS_SVD_EXACT, 1, u0, v0), LORA_OK);
+            memcpy(w, d, (size_t)numel * 4);
+            CHECK_STATUS(ops_svd_factor(ctx, a->name, w, a->out, k, r, OPS_SVD_GRAM, 1, u1, v1), LORA_OK);
+            float *pa = product(u0, v0, a->out, r, k), *pb = product(u1, v1, a->out, r, k);
+            double e = rel(pb, pa, numel), x = rel(pa, d, numel), y = rel(pb, d, numel);
+            if (e > 1e-4 && fabs(y - x) <= 1e-5 * x + 1e-7) {
+                amb++;
+                if (fabs(y - x) > worst_err) worst_err = fabs(y - x);
+            } else {
+                if (e > worst) worst = e;
+                bad += e > 1e-4;
+                if (e > 1e-4) fprintf(stderr, "gram: %s [%lld, %lld] r %lld: product distance %g, errors %g vs %g\n",
+                                      a->name, (long long)a->out, (long long)k, (long long)r, e, y, x);
+            }
+            free(d); free(w); free(u0); free(v0); free(u1); free(v1); free(pa); free(pb);
+        }
+        CHECK_MSG(bad == 0 && g0->n == g1->n, "gram: %lld modules differ from sgesdd (worst %g)", (long long)bad, worst);
+        printf("svd gram on the extract modules: %lld, worst product distance to sgesdd %.3g (%lld with sigma_r ~ "
+               "sigma_r+1: reconstruction errors equal within %.2g)\n", (long long)g0->n, worst, (long long)amb,
+               worst_err);
+    }
+    lora_network_free(g0);
+    lora_network_free(g1);
+    lora_params_free(xp);
     test_extract_randomized(ctx, org, tm);
     /* text encoder unchanged: U-Net only */
     lora_model *tm2 = load_model(ctx, 1);
@@ -366,6 +428,39 @@ static void test_resize(lora_ctx *ctx) {
     lora_network_free(n);
 }
 
+/* OPS_SVD_GRAM against LAPACK sgesdd (OPS_SVD_EXACT) on tall, wide and rank-deficient
+ * matrices: products up @ down within 1e-4 relative (the factors' signs may differ). */
+static void test_gram(lora_ctx *ctx) {
+    static const int64_t shapes[][3] = {{96, 40, 8}, {40, 96, 8}, {64, 64, 16}, {200, 30, 4}, {30, 200, 29}};
+    for (int rd = 0; rd <= 1; rd++)
+        for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
+            int64_t m = shapes[i][0], n = shapes[i][1], r = shapes[i][2];
+            float *a = malloc((size_t)(m * n) * 4), *b = malloc((size_t)(m * n) * 4), *c = malloc((size_t)(m * n) * 4);
+            float *u0 = malloc((size_t)(m * r) * 4), *d0 = malloc((size_t)(r * n) * 4);
+            float *u1 = malloc((size_t)(m * r) * 4), *d1 = malloc((size_t)(r * n) * 4);
+            lora_philox_normal(77 + i, 0, a, m * n);
+            if (rd) {   /* rank 3 < r: the Gram path must fall back to sgesdd */
+                float *x = malloc((size_t)(m * 3) * 4), *y = malloc((size_t)(3 * n) * 4);
+                lora_philox_normal(5 + i, 0, x, m * 3);
+                lora_philox_normal(9 + i, 0, y, 3 * n);
+                for (int64_t e = 0; e < m * n; e++) a[e] = 0;
+                for (int64_t o = 0; o < m; o++)
+                    for (int64_t k = 0; k < 3; k++)
+                        for (int64_t q = 0; q < n; q++) a[o * n + q] += x[o * 3 + k] * y[k * n + q];
+                free(x); free(y);
+            }
+            memcpy(b, a, (size_t)(m * n) * 4);
+            CHECK_STATUS(ops_svd_factor(ctx, "t", b, m, n, r, OPS_SVD_EXACT, 1, u0, d0), LORA_OK);
+            memcpy(b, a, (size_t)(m * n) * 4);
+            CHECK_STATUS(ops_svd_factor(ctx, "t", b, m, n, r, OPS_SVD_GRAM, 1, u1, d1), LORA_OK);
+            float *p0 = product(u0, d0, m, r, n), *p1 = product(u1, d1, m, r, n);
+            double e = rel(p1, p0, m * n);
+            CHECK_MSG(e < 1e-4, "gram SVD [%lld, %lld] r %lld (rank-deficient %d): products differ by %g", (long long)m,
+                      (long long)n, (long long)r, rd, e);
+            free(p0); free(p1); free(a); free(b); free(c); free(u0); free(d0); free(u1); free(d1);
+        }
+}
+
 int main(void) {
     data_dir = getenv("LORA_TEST_DATA");
     if (!data_dir) data_dir = "tests/data";
@@ -376,6 +471,7 @@ int main(void) {
     test_merge_loras(ctx);
     test_extract(ctx);
     test_resize(ctx);
+    test_gram(ctx);
     uint64_t host = 1;
     lora_ctx_memory(ctx, &host, NULL, NULL, NULL);
     CHECK_MSG(host == 0, "%llu host bytes leaked", (unsigned long long)host);
