@@ -9,4 +9,6 @@ int cmd_tokenize(lora_ctx *ctx, int argc, char **argv);
 int cmd_merge(lora_ctx *ctx, int argc, char **argv);
 int cmd_extract(lora_ctx *ctx, int argc, char **argv);
 int cmd_resize(lora_ctx *ctx, int argc, char **argv);
+int cmd_train(lora_ctx *ctx, int argc, char **argv);        /* cmd_train.c */
+int cmd_demo_images(lora_ctx *ctx, int argc, char **argv);  /* demo_images.c (hidden) */
 #endif

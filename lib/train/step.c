@@ -15,6 +15,21 @@ void train_opts_default(struct train_opts *o) {
     o->max_grad_norm = 1.0;
     o->clip_skip = 1;
     o->train_unet = o->train_text_encoder = 1;
+    o->optimizer = TRAIN_OPT_ADAMW;
+    o->unet_train = UNET_TRAIN_CHECKPOINT;
+}
+
+/* The optimizer options of one step: train_opts' betas/eps/weight decay/momentum. */
+static void optim_opts(const struct train_opts *o, struct train_optim_opts *oo) {
+    memset(oo, 0, sizeof *oo);
+    oo->kind = o->optimizer;
+    oo->beta1 = o->beta1;
+    oo->beta2 = o->beta2;
+    oo->eps = o->eps;
+    oo->weight_decay = o->weight_decay;
+    oo->momentum = o->momentum;
+    oo->dampening = o->dampening;
+    oo->nesterov = o->nesterov;
 }
 
 static int module_is_te(const struct train_state *s, int64_t i) {
@@ -23,6 +38,61 @@ static int module_is_te(const struct train_state *s, int64_t i) {
 
 static int64_t module_floats(const struct net_module *mm) {
     return mm->nn.rank * mm->nn.in + mm->nn.out * mm->nn.rank;
+}
+
+/* Plans and activation buffers for batches of batch x h x w (everything shape-dependent). */
+static void shape_free(struct train_state *s) {
+    lora_ctx *ctx = s->ctx;
+    if (s->cp.m) clip_plan_free(&s->cp);
+    if (s->up.m) unet_plan_free(&s->up);
+    memset(&s->cp, 0, sizeof s->cp);
+    memset(&s->up, 0, sizeof s->up);
+    void *bufs[] = {s->noisy, s->pred, s->target, s->dpred, s->dctx, s->tf, s->ctxj, s->denc};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) lora_free(ctx, bufs[i]);
+    s->noisy = s->pred = s->target = s->dpred = s->dctx = s->tf = s->ctxj = s->denc = NULL;
+}
+
+static lora_status shape_init(struct train_state *s, int64_t batch, int64_t h, int64_t w) {
+    lora_ctx *ctx = s->ctx;
+    int64_t per = 0, lat = 0, nctx = 0;
+    const int64_t nk = s->n_chunks, hid = s->clip->hidden;
+    if (batch < 1 || h < 1 || w < 1 || h > (1 << 20) || w > (1 << 20) || !ck_mul_i64(4 * h, w, &per) ||
+        !ck_mul_i64(batch, per, &lat) || !ck_mul_i64(batch, s->ctx_tokens, &nctx) ||
+        !ck_mul_i64(nctx, hid, &nctx) || batch > INT64_MAX / (nk * s->tokens * hid))
+        return lora_fail(ctx, LORA_E_LIMIT, "train: batch %lld of %lldx%lld latents is too large",
+                         (long long)batch, (long long)h, (long long)w);
+    s->batch = batch;
+    s->h = h;
+    s->w = w;
+    s->per = per;
+    s->noisy = lora_calloc(ctx, (size_t)lat, sizeof(float));
+    s->pred = lora_calloc(ctx, (size_t)lat, sizeof(float));
+    s->target = lora_calloc(ctx, (size_t)lat, sizeof(float));
+    s->dpred = lora_calloc(ctx, (size_t)lat, sizeof(float));
+    s->dctx = lora_calloc(ctx, (size_t)nctx, sizeof(float));
+    s->tf = lora_calloc(ctx, (size_t)batch, sizeof(float));
+    if (nk > 1) {   /* the re-joined context and its gradient per chunk */
+        s->ctxj = lora_calloc(ctx, (size_t)nctx, sizeof(float));
+        s->denc = lora_calloc(ctx, (size_t)(batch * nk * s->tokens * hid), sizeof(float));
+    }
+    if (!s->noisy || !s->pred || !s->target || !s->dpred || !s->dctx || !s->tf || (nk > 1 && (!s->ctxj || !s->denc))) {
+        shape_free(s);
+        return LORA_E_NOMEM;
+    }
+    int64_t r = s->map.max_rank;
+    lora_status st = clip_plan_init(&s->cp, s->clip, batch * nk, s->tokens, r, 1);
+    int mode = s->o.unet_train == UNET_TRAIN_SAVE_ALL ? UNET_TRAIN_SAVE_ALL : UNET_TRAIN_CHECKPOINT;
+    if (st == LORA_OK) st = unet_plan_init_ex(&s->up, s->unet, batch, h, w, s->ctx_tokens, mode, r);
+    if (st == LORA_OK) st = unet_set_adapters(&s->up, s->map.ad);
+    if (st != LORA_OK) shape_free(s);
+    return st;
+}
+
+lora_status train_reshape(struct train_state *s, int64_t batch, int64_t h, int64_t w) {
+    if (!s || !s->ctx) return LORA_E_INVALID_ARG;
+    if (s->cp.m && s->batch == batch && s->h == h && s->w == w) return LORA_OK;
+    shape_free(s);
+    return shape_init(s, batch, h, w);
 }
 
 lora_status train_init(struct train_state *s, lora_ctx *ctx, struct lora_network *net,
@@ -45,38 +115,37 @@ lora_status train_init(struct train_state *s, lora_ctx *ctx, struct lora_network
     s->clip = clip;
     s->unet = unet;
     s->o = *o;
-    s->batch = batch;
-    s->h = h;
-    s->w = w;
     s->tokens = tokens;
-    s->per = 4 * h * w;
+    s->n_chunks = o->n_chunks > 1 ? o->n_chunks : 1;
+    s->ctx_tokens = s->n_chunks > 1 ? s->n_chunks * (tokens - 2) + 2 : tokens;
+    if (s->n_chunks > 1 && (s->n_chunks > 3 || tokens < 3))
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "train_init: %lld chunks of %lld tokens", (long long)s->n_chunks,
+                         (long long)tokens);
+    s->loss_mult = 1.0f;
     train_alphas_cumprod(s->acp);
     lora_status st = train_map_init(&s->map, ctx, net, clip, unet);
     if (st != LORA_OK) return st;
     int64_t n = net->n;
+    struct train_optim_opts oo;
+    optim_opts(o, &oo);
     s->off = lora_calloc(ctx, (size_t)(n ? n : 1), sizeof *s->off);
     s->used = lora_calloc(ctx, (size_t)(n ? n : 1), 1);
-    if (!s->off || !s->used) { train_free(s); return LORA_E_NOMEM; }
+    s->soff = lora_calloc(ctx, (size_t)(2 * n + 1), sizeof *s->soff);
+    s->tsteps = lora_calloc(ctx, (size_t)(2 * n + 1), sizeof *s->tsteps);
+    if (!s->off || !s->used || !s->soff || !s->tsteps) { train_free(s); return LORA_E_NOMEM; }
     for (int64_t i = 0; i < n; i++) {
+        const struct net_module *mm = &net->m[i];
         s->off[i] = s->n_floats;
-        s->n_floats += module_floats(&net->m[i]);
+        s->n_floats += module_floats(mm);
+        s->soff[2 * i] = s->n_state;
+        s->n_state += train_optim_state_floats(&oo, mm->nn.rank * mm->nn.in);
+        s->soff[2 * i + 1] = s->n_state;
+        s->n_state += train_optim_state_floats(&oo, mm->nn.out * mm->nn.rank);
     }
-    size_t nf = (size_t)(s->n_floats ? s->n_floats : 1);
-    s->grad = lora_calloc(ctx, nf, sizeof(float));
-    s->m = lora_calloc(ctx, nf, sizeof(float));
-    s->v = lora_calloc(ctx, nf, sizeof(float));
-    size_t lat = (size_t)(batch * s->per);
-    s->noisy = lora_calloc(ctx, lat, sizeof(float));
-    s->pred = lora_calloc(ctx, lat, sizeof(float));
-    s->target = lora_calloc(ctx, lat, sizeof(float));
-    s->dpred = lora_calloc(ctx, lat, sizeof(float));
-    s->dctx = lora_calloc(ctx, (size_t)(batch * tokens * clip->hidden), sizeof(float));
-    s->tf = lora_calloc(ctx, (size_t)batch, sizeof(float));
-    if (!s->grad || !s->m || !s->v || !s->noisy || !s->pred || !s->target || !s->dpred ||
-        !s->dctx || !s->tf) {
-        train_free(s);
-        return LORA_E_NOMEM;
-    }
+    s->soff[2 * n] = s->n_state;
+    s->grad = lora_calloc(ctx, (size_t)(s->n_floats ? s->n_floats : 1), sizeof(float));
+    s->ostate = lora_calloc(ctx, (size_t)(s->n_state ? s->n_state : 1), sizeof(float));
+    if (!s->grad || !s->ostate) { train_free(s); return LORA_E_NOMEM; }
     for (int64_t i = 0; i < n; i++) {
         int te = module_is_te(s, i);
         if (te ? !o->train_text_encoder : !o->train_unet) continue;
@@ -84,10 +153,7 @@ lora_status train_init(struct train_state *s, lora_ctx *ctx, struct lora_network
         l->d_down = s->grad + s->off[i];
         l->d_up = l->d_down + l->rank * l->in;
     }
-    int64_t r = s->map.max_rank;
-    st = clip_plan_init(&s->cp, clip, batch, tokens, r, 1);
-    if (st == LORA_OK) st = unet_plan_init_ex(&s->up, unet, batch, h, w, tokens, 1, r);
-    if (st == LORA_OK) st = unet_set_adapters(&s->up, s->map.ad);
+    st = shape_init(s, batch, h, w);
     if (st != LORA_OK) { train_free(s); return st; }
     return LORA_OK;
 }
@@ -95,10 +161,9 @@ lora_status train_init(struct train_state *s, lora_ctx *ctx, struct lora_network
 void train_free(struct train_state *s) {
     if (!s->ctx) return;
     lora_ctx *ctx = s->ctx;
-    if (s->cp.m) clip_plan_free(&s->cp);
-    if (s->up.m) unet_plan_free(&s->up);
+    shape_free(s);
     train_map_free(&s->map, ctx);
-    void *bufs[] = {s->off, s->used, s->grad, s->m, s->v, s->noisy, s->pred, s->target, s->dpred, s->dctx, s->tf};
+    void *bufs[] = {s->off, s->used, s->grad, s->ostate, s->soff, s->tsteps};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) lora_free(ctx, bufs[i]);
     memset(s, 0, sizeof *s);
 }
@@ -126,14 +191,20 @@ lora_status train_accumulate(struct train_state *s, const float *latents, const 
     LORA_TRY(clip_forward(&s->cp, ids, s->map.te, s->o.clip_skip));
     /* noisy latents and the U-Net */
     train_add_noise(s->noisy, latents, noise, timesteps, s->acp, B, per);
-    LORA_TRY(unet_forward(&s->up, s->noisy, s->tf, s->cp.out, s->pred));
+    const float *cond = s->cp.out;
+    const int64_t nk = s->n_chunks, hid = s->clip->hidden;
+    if (nk > 1) {   /* kohya get_hidden_states: the chunks re-joined (host memory: CPU backend) */
+        clip_rejoin_chunks(s->ctxj, s->cp.out, B, nk, s->tokens, hid);
+        cond = s->ctxj;
+    }
+    LORA_TRY(unet_forward(&s->up, s->noisy, s->tf, cond, s->pred));
     if (s->o.v_parameterization) train_velocity(s->target, latents, noise, timesteps, s->acp, B, per);
     else memcpy(s->target, noise, (size_t)(B * per) * sizeof(float));
     /* loss = mean_b(w_b * mean(d^2)); dL/dpred = 2 d w_b / (per * B) */
     double total = 0;
     for (int64_t b = 0; b < B; b++) {
         double wb = loss_weights ? loss_weights[b] : 1.0, sq = 0;
-        float g = (float)(2.0 * wb / ((double)per * (double)B));
+        float g = (float)(2.0 * wb / ((double)per * (double)B)) * s->loss_mult;
         for (int64_t i = b * per; i < (b + 1) * per; i++) {
             float d = s->pred[i] - s->target[i];
             sq += (double)d * d;
@@ -144,9 +215,14 @@ lora_status train_accumulate(struct train_state *s, const float *latents, const 
     total /= (double)B;
     if (loss) *loss = total;
     if (!isfinite(total))
-        return lora_fail(s->ctx, LORA_E_INVALID_ARG, "train_accumulate: the loss is not finite");
+        return lora_fail(s->ctx, LORA_E_NAN_LOSS, "train_accumulate: the loss is not finite (%g)", total);
     LORA_TRY(unet_backward(&s->up, s->dpred, NULL, train_te ? s->dctx : NULL));
-    if (train_te) LORA_TRY(clip_backward(&s->cp, s->dctx, s->map.te));
+    if (train_te && nk > 1) {
+        clip_rejoin_chunks_backward(s->denc, s->dctx, B, nk, s->tokens, hid);
+        LORA_TRY(clip_backward(&s->cp, s->denc, s->map.te));
+    } else if (train_te) {
+        LORA_TRY(clip_backward(&s->cp, s->dctx, s->map.te));
+    }
     /* modules that took part: U-Net ones always; TE ones in the layers that ran */
     for (int64_t i = 0; i < s->net->n; i++) {
         int te = module_is_te(s, i);
@@ -155,6 +231,19 @@ lora_status train_accumulate(struct train_state *s, const float *latents, const 
         s->used[i] = 1;
     }
     return LORA_OK;
+}
+
+int train_unscale_grads(struct train_state *s, float f) {
+    int bad = 0;
+    for (int64_t i = 0; i < s->net->n; i++) {
+        if (!s->used[i]) continue;
+        float *g = s->grad + s->off[i];
+        for (int64_t j = 0, e = module_floats(&s->net->m[i]); j < e; j++) {
+            g[j] *= f;
+            bad |= !isfinite(g[j]);
+        }
+    }
+    return bad;
 }
 
 double train_grad_norm(const struct train_state *s) {
@@ -176,23 +265,6 @@ double train_grad_norm(const struct train_state *s) {
     return sqrt(sum);
 }
 
-static void adamw(float *p, const float *g, float *m, float *v, int64_t n, double lr,
-                  const struct train_opts *o, int64_t step) {
-    /* torch.optim.AdamW (_single_tensor_adamw) */
-    const float decay = (float)(1.0 - lr * o->weight_decay);
-    const float b1 = (float)o->beta1, b2 = (float)o->beta2;
-    const float a1 = (float)(1.0 - o->beta1), a2 = (float)(1.0 - o->beta2);
-    const double bc1 = 1.0 - pow(o->beta1, (double)step), bc2 = 1.0 - pow(o->beta2, (double)step);
-    const float step_size = (float)(lr / bc1), bc2s = (float)sqrt(bc2), eps = (float)o->eps;
-    for (int64_t i = 0; i < n; i++) {
-        p[i] *= decay;
-        m[i] = m[i] * b1 + a1 * g[i];
-        v[i] = v[i] * b2 + a2 * (g[i] * g[i]);
-        float denom = sqrtf(v[i]) / bc2s + eps;
-        p[i] = p[i] + -step_size * (m[i] / denom);
-    }
-}
-
 lora_status train_optimizer_step(struct train_state *s, double *total_norm) {
     if (!s || !s->ctx) return LORA_E_INVALID_ARG;
     double norm = train_grad_norm(s);
@@ -210,14 +282,19 @@ lora_status train_optimizer_step(struct train_state *s, double *total_norm) {
             }
     }
     s->steps++;
+    struct train_optim_opts oo;
+    optim_opts(&s->o, &oo);
     for (int64_t i = 0; i < s->net->n; i++) {
         if (!s->used[i]) continue;   /* torch skips parameters without a gradient */
         struct net_module *mm = &s->net->m[i];
         double lr = module_is_te(s, i) ? s->o.text_encoder_lr : s->o.unet_lr;
         const struct nn_lora *l = &s->map.lora[i];
         int64_t nd = l->rank * l->in, nu = l->out * l->rank, o0 = s->off[i];
-        adamw(mm->down, s->grad + o0, s->m + o0, s->v + o0, nd, lr, &s->o, s->steps);
-        adamw(mm->up, s->grad + o0 + nd, s->m + o0 + nd, s->v + o0 + nd, nu, lr, &s->o, s->steps);
+        /* each tensor counts its own steps, as torch's per-parameter state does */
+        LORA_TRY(train_optim_step(s->ctx, &oo, mm->down, s->grad + o0, s->ostate + s->soff[2 * i], nd, lr,
+                                  ++s->tsteps[2 * i]));
+        LORA_TRY(train_optim_step(s->ctx, &oo, mm->up, s->grad + o0 + nd, s->ostate + s->soff[2 * i + 1], nu,
+                                  lr, ++s->tsteps[2 * i + 1]));
     }
     train_zero_grad(s);
     return LORA_OK;

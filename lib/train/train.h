@@ -54,99 +54,6 @@ lora_status train_map_init(struct train_map *mp, lora_ctx *ctx, const struct lor
                            const struct clip_model *clip, const struct unet_model *unet);
 void train_map_free(struct train_map *mp, lora_ctx *ctx);
 
-/* ---- step.c ------------------------------------------------------------------------------- */
-struct train_opts {
-    double unet_lr, text_encoder_lr;  /* AdamW group learning rates */
-    double beta1, beta2, eps, weight_decay;
-    double max_grad_norm;             /* 0: no clipping */
-    int32_t clip_skip;                /* 0/1: last layer */
-    int32_t v_parameterization;       /* target v instead of eps */
-    int32_t train_unet, train_text_encoder;
-};
-/* kohya/torch defaults: lr 1e-4 both, betas (0.9, 0.999), eps 1e-8, weight decay 0.01,
- * max_grad_norm 1, clip_skip 1, eps target, both trained. */
-void train_opts_default(struct train_opts *o);
-
-struct train_state {
-    lora_ctx *ctx;
-    struct lora_network *net;
-    const struct clip_model *clip;
-    const struct unet_model *unet;
-    struct train_opts o;
-    int64_t batch, h, w, tokens, per;  /* per = 4*h*w */
-    struct train_map map;
-    struct clip_plan cp;
-    struct unet_plan up;
-    float acp[TRAIN_T];
-    float *grad, *m, *v;              /* every LoRA parameter, module order, down then up */
-    int64_t n_floats;
-    int64_t *off;                     /* [n] offset of module i's down in grad/m/v */
-    uint8_t *used;                    /* [n] module received a gradient in this accumulation */
-    float *noisy, *pred, *target, *dpred, *dctx, *tf;
-    int64_t steps;                    /* optimizer steps taken (AdamW's step) */
-    double last_norm;                 /* total gradient norm before clipping, last step */
-};
-
-lora_status train_init(struct train_state *s, lora_ctx *ctx, struct lora_network *net,
-                       const struct clip_model *clip, const struct unet_model *unet,
-                       const struct train_opts *o, int64_t batch, int64_t h, int64_t w,
-                       int64_t tokens);
-void train_free(struct train_state *s);
-void train_zero_grad(struct train_state *s);
-/* Forward + backward of one batch: latents [batch, 4, h, w] (already * 0.18215), noise the
- * same shape, timesteps [batch] in [0, 1000), ids [batch, tokens], loss_weights [batch] or
- * NULL (all 1). Gradients of loss = mean_b(w_b * mean_chw((pred - target)^2)) are ADDED to
- * the accumulated LoRA gradients; *loss (may be NULL) gets the loss. */
-lora_status train_accumulate(struct train_state *s, const float *latents, const float *noise,
-                             const int64_t *timesteps, const int32_t *ids,
-                             const float *loss_weights, double *loss);
-/* Total L2 norm of the accumulated gradients (modules that got one). */
-double train_grad_norm(const struct train_state *s);
-/* clip_grad_norm_(max_grad_norm) then one AdamW step on each group, then zero the gradients.
- * *total_norm (may be NULL): the norm before clipping. */
-lora_status train_optimizer_step(struct train_state *s, double *total_norm);
-/* zero_grad + accumulate + optimizer_step. */
-lora_status train_step(struct train_state *s, const float *latents, const float *noise,
-                       const int64_t *timesteps, const int32_t *ids, const float *loss_weights,
-                       double *loss);
-
-/* ---- lr_sched.c: diffusers get_scheduler (0.10.2 functions, kohya FEB's get_scheduler_fix) ----
- * lr(step) = base_lr * factor(step), step = scheduler.step() calls so far (accelerate 0.15 steps
- * the scheduler on every micro-step, so total = max_train_steps * gradient_accumulation_steps).
- *   constant                   1 (warmup ignored, as get_scheduler passes none)
- *   constant_with_warmup       step/max(1,warmup) during warmup, then 1
- *   linear                     then max(0, (total - step) / max(1, total - warmup))
- *   cosine                     then max(0, 0.5 (1 + cos(pi * 2 * 0.5 * progress))), progress =
- *                              (step - warmup) / max(1, total - warmup) (rises again past total,
- *                              as diffusers does)
- *   cosine_with_restarts       then 0 if progress >= 1, else 0.5 (1 + cos(pi * ((cycles *
- *                              progress) mod 1)))
- *   polynomial                 then (lr_range * (1 - (step - warmup)/(total - warmup))^power +
- *                              lr_end) / lr_init, and lr_end / lr_init past total, with
- *                              lr_range = lr_init - lr_end; lr_init is the optimizer's default lr
- *                              (kohya's --learning_rate), which may differ from a group's lr. */
-enum train_lr_kind {
-    TRAIN_LR_CONSTANT, TRAIN_LR_CONSTANT_WITH_WARMUP, TRAIN_LR_LINEAR, TRAIN_LR_COSINE,
-    TRAIN_LR_COSINE_WITH_RESTARTS, TRAIN_LR_POLYNOMIAL
-};
-struct train_lr_schedule {
-    enum train_lr_kind kind;
-    int64_t warmup, total;    /* lr_warmup_steps, num_training_steps */
-    double num_cycles;        /* cosine_with_restarts (kohya default 1) */
-    double power, lr_end;     /* polynomial (kohya default power 1; lr_end 1e-7) */
-    double lr_init;           /* polynomial: optimizer default lr; <= 0: the base lr itself */
-};
-/* kind constant, warmup 0, total 1, num_cycles 1, power 1, lr_end 1e-7, lr_init 0. */
-void train_lr_schedule_default(struct train_lr_schedule *s);
-/* "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
- * "polynomial" -> kind; LORA_E_INVALID_ARG for other names (NULL ctx allowed). */
-lora_status train_lr_kind_parse(lora_ctx *ctx, const char *name, enum train_lr_kind *kind);
-const char *train_lr_kind_name(enum train_lr_kind kind);
-/* The multiplier of base_lr after `step` scheduler steps (double, as Python computes it). */
-double train_lr_factor(const struct train_lr_schedule *s, double base_lr, int64_t step);
-/* base_lr * train_lr_factor(s, base_lr, step). */
-double train_lr_at(const struct train_lr_schedule *s, double base_lr, int64_t step);
-
 /* ---- optim.c: optimizers on flat float32 parameter / gradient arrays ------------------------
  * The caller owns parameters, gradients and a state array of train_optim_state_floats(kind, n)
  * floats, zeroed before the first step; `step` counts optimizer steps including this one (1 on
@@ -193,5 +100,136 @@ int64_t train_optim_state_floats(const struct train_optim_opts *o, int64_t n);
 void train_bnb_dynamic_map(float code[256], int is_signed);
 lora_status train_optim_step(lora_ctx *ctx, const struct train_optim_opts *o, float *p,
                              const float *g, float *state, int64_t n, double lr, int64_t step);
+
+/* ---- step.c ------------------------------------------------------------------------------- */
+struct train_opts {
+    double unet_lr, text_encoder_lr;  /* AdamW group learning rates */
+    double beta1, beta2, eps, weight_decay;
+    double max_grad_norm;             /* 0: no clipping */
+    int32_t clip_skip;                /* 0/1: last layer */
+    int32_t v_parameterization;       /* target v instead of eps */
+    int32_t train_unet, train_text_encoder;
+    enum train_optim_kind optimizer;  /* TRAIN_OPT_* (optim.c); betas/eps/weight_decay above */
+    double momentum, dampening;       /* SGD */
+    int32_t nesterov;
+    int32_t unet_train;               /* U-Net plan mode: UNET_TRAIN_CHECKPOINT (default) or
+                                         UNET_TRAIN_SAVE_ALL (unet_train_mode()); same gradients */
+    int32_t n_chunks;                 /* max_token_length / 75 (1..3): each sample's ids are
+                                         n_chunks sequences of `tokens` (tok_encode's layout),
+                                         encoded separately and re-joined (clip_rejoin_chunks) */
+};
+/* kohya/torch defaults: lr 1e-4 both, betas (0.9, 0.999), eps 1e-8, weight decay 0.01,
+ * max_grad_norm 1, clip_skip 1, eps target, both trained, AdamW. */
+void train_opts_default(struct train_opts *o);
+
+struct train_state {
+    lora_ctx *ctx;
+    struct lora_network *net;
+    const struct clip_model *clip;
+    const struct unet_model *unet;
+    struct train_opts o;
+    int64_t batch, h, w, tokens, per;  /* per = 4*h*w; tokens: CLIP sequence length (77) */
+    int64_t n_chunks, ctx_tokens;     /* U-Net context tokens: n_chunks * (tokens - 2) + 2, or tokens */
+    struct train_map map;
+    struct clip_plan cp;
+    struct unet_plan up;
+    float acp[TRAIN_T];
+    float *grad;                      /* every LoRA parameter, module order, down then up */
+    int64_t n_floats;
+    int64_t *off;                     /* [n] offset of module i's down in grad */
+    float *ostate;                    /* optimizer state (train_optim_state_floats per tensor) */
+    int64_t n_state;
+    int64_t *soff;                    /* [2n + 1] state offset of tensor 2i (down) / 2i+1 (up) */
+    int64_t *tsteps;                  /* [2n] optimizer steps each tensor took (torch's state step) */
+    uint8_t *used;                    /* [n] module received a gradient in this accumulation */
+    float *noisy, *pred, *target, *dpred, *dctx, *tf;
+    float *ctxj, *denc;               /* n_chunks > 1: re-joined context, per-chunk gradient */
+    int64_t steps;                    /* optimizer steps taken (AdamW's step) */
+    float loss_mult;                  /* dL/dpred multiplier: 1/G (accelerate's backward) x loss scale */
+    double last_norm;                 /* total gradient norm before clipping, last step */
+};
+
+lora_status train_init(struct train_state *s, lora_ctx *ctx, struct lora_network *net,
+                       const struct clip_model *clip, const struct unet_model *unet,
+                       const struct train_opts *o, int64_t batch, int64_t h, int64_t w,
+                       int64_t tokens);
+void train_free(struct train_state *s);
+/* Re-plans for batches of batch x h x w latents (buckets, a short last batch); parameters,
+ * gradients and optimizer state stay. A no-op when the shape is the current one. */
+lora_status train_reshape(struct train_state *s, int64_t batch, int64_t h, int64_t w);
+void train_zero_grad(struct train_state *s);
+/* Forward + backward of one batch: latents [batch, 4, h, w] (already * 0.18215), noise the
+ * same shape, timesteps [batch] in [0, 1000), ids [batch, n_chunks * tokens], loss_weights [batch] or
+ * NULL (all 1). Gradients of loss = mean_b(w_b * mean_chw((pred - target)^2)) are ADDED to
+ * the accumulated LoRA gradients; *loss (may be NULL) gets the loss. */
+lora_status train_accumulate(struct train_state *s, const float *latents, const float *noise,
+                             const int64_t *timesteps, const int32_t *ids,
+                             const float *loss_weights, double *loss);
+/* Multiplies the accumulated gradients by f (GradScaler.unscale_); returns 1 when any of them
+ * is inf or NaN afterwards. */
+int train_unscale_grads(struct train_state *s, float f);
+/* Total L2 norm of the accumulated gradients (modules that got one). */
+double train_grad_norm(const struct train_state *s);
+/* clip_grad_norm_(max_grad_norm) then one step of the optimizer (o.optimizer, optim.c) on each
+ * group with the group's lr (o.text_encoder_lr / o.unet_lr), then zero the gradients.
+ * *total_norm (may be NULL): the norm before clipping. */
+lora_status train_optimizer_step(struct train_state *s, double *total_norm);
+/* zero_grad + accumulate + optimizer_step. */
+lora_status train_step(struct train_state *s, const float *latents, const float *noise,
+                       const int64_t *timesteps, const int32_t *ids, const float *loss_weights,
+                       double *loss);
+
+/* ---- loss_scale.c: torch.cuda.amp.GradScaler (init 65536, growth 2 every 2000 good steps,
+ * backoff 0.5) as accelerate uses it for mixed_precision fp16. The loss is multiplied by
+ * `scale` before backward; the gradients by train_scaler_inv() before clipping; a step whose
+ * gradients hold an inf/NaN is skipped (optimizer and LR scheduler both), the scale halves and
+ * `skipped` counts it. Disabled: scale 1, nothing is ever skipped. */
+struct train_scaler {
+    int32_t enabled;
+    float scale, growth_factor, backoff_factor;
+    int64_t growth_interval, growth_tracker;
+    int64_t skipped;
+};
+void train_scaler_init(struct train_scaler *s, int enabled);
+float train_scaler_inv(const struct train_scaler *s);
+/* After a step's gradients were checked: returns 1 when the step must be skipped. */
+int train_scaler_update(struct train_scaler *s, int found_inf);
+
+/* ---- lr_sched.c: diffusers get_scheduler (0.10.2 functions, kohya FEB's get_scheduler_fix) ----
+ * lr(step) = base_lr * factor(step), step = scheduler.step() calls so far (accelerate 0.15 steps
+ * the scheduler on every micro-step, so total = max_train_steps * gradient_accumulation_steps).
+ *   constant                   1 (warmup ignored, as get_scheduler passes none)
+ *   constant_with_warmup       step/max(1,warmup) during warmup, then 1
+ *   linear                     then max(0, (total - step) / max(1, total - warmup))
+ *   cosine                     then max(0, 0.5 (1 + cos(pi * 2 * 0.5 * progress))), progress =
+ *                              (step - warmup) / max(1, total - warmup) (rises again past total,
+ *                              as diffusers does)
+ *   cosine_with_restarts       then 0 if progress >= 1, else 0.5 (1 + cos(pi * ((cycles *
+ *                              progress) mod 1)))
+ *   polynomial                 then (lr_range * (1 - (step - warmup)/(total - warmup))^power +
+ *                              lr_end) / lr_init, and lr_end / lr_init past total, with
+ *                              lr_range = lr_init - lr_end; lr_init is the optimizer's default lr
+ *                              (kohya's --learning_rate), which may differ from a group's lr. */
+enum train_lr_kind {
+    TRAIN_LR_CONSTANT, TRAIN_LR_CONSTANT_WITH_WARMUP, TRAIN_LR_LINEAR, TRAIN_LR_COSINE,
+    TRAIN_LR_COSINE_WITH_RESTARTS, TRAIN_LR_POLYNOMIAL
+};
+struct train_lr_schedule {
+    enum train_lr_kind kind;
+    int64_t warmup, total;    /* lr_warmup_steps, num_training_steps */
+    double num_cycles;        /* cosine_with_restarts (kohya default 1) */
+    double power, lr_end;     /* polynomial (kohya default power 1; lr_end 1e-7) */
+    double lr_init;           /* polynomial: optimizer default lr; <= 0: the base lr itself */
+};
+/* kind constant, warmup 0, total 1, num_cycles 1, power 1, lr_end 1e-7, lr_init 0. */
+void train_lr_schedule_default(struct train_lr_schedule *s);
+/* "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+ * "polynomial" -> kind; LORA_E_INVALID_ARG for other names (NULL ctx allowed). */
+lora_status train_lr_kind_parse(lora_ctx *ctx, const char *name, enum train_lr_kind *kind);
+const char *train_lr_kind_name(enum train_lr_kind kind);
+/* The multiplier of base_lr after `step` scheduler steps (double, as Python computes it). */
+double train_lr_factor(const struct train_lr_schedule *s, double base_lr, int64_t step);
+/* base_lr * train_lr_factor(s, base_lr, step). */
+double train_lr_at(const struct train_lr_schedule *s, double base_lr, int64_t step);
 
 #endif
