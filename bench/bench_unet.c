@@ -3,7 +3,8 @@
  * Cases: forward (inference plan) and forward + backward to the input latent and the context
  * (train plan, base weights frozen). Prints "# ..." lines and "name seconds" (median of reps);
  * scripts/bench.sh unet pairs them with bench/unet_peer.py (diffusers UNet2DConditionModel on
- * PyTorch CPU). Not a test.
+ * PyTorch CPU). Not a test. The U-Net's 16-bit matrices are read in place from the mapped
+ * checkpoint (unet_init_ex, UNET_BORROW_16BIT); UNET_BORROW=0 copies them (unet_init).
  * usage: bench_unet [reps] [checkpoint] */
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,7 +50,10 @@ int main(int argc, char **argv) {
         return 1;
     }
     struct unet_model m;
-    if (unet_init(&m, ctx->backend, &model->sd.unet, &model->sd.cfg) != LORA_OK) {
+    /* UNET_BORROW=0 copies the checkpoint's 16-bit matrices instead of pointing into it */
+    const char *bv = getenv("UNET_BORROW");
+    int borrow = !bv || atoi(bv) != 0;
+    if (unet_init_ex(&m, ctx->backend, &model->sd.unet, &model->sd.cfg, borrow ? UNET_BORROW_16BIT : 0) != LORA_OK) {
         fprintf(stderr, "bench_unet: unet_init: %s\n", lora_errmsg(ctx));
         return 1;
     }
@@ -58,8 +62,10 @@ int main(int argc, char **argv) {
     lora_ctx_memory(ctx, &host0, NULL, NULL, NULL);
     printf("# SD1.5-shaped U-Net (random weights from %s), latent %lldx%lld, batch %lld, %lld tokens\n", ck,
            (long long)H, (long long)W, (long long)B, (long long)T);
-    printf("# threads(ctx): %d; host bytes after loading (checkpoint + fp32 U-Net): %.2f GiB\n", ctx->n_threads,
-           host0 / 1073741824.0);
+    printf("# threads(ctx): %d; host bytes after loading (U-Net weights: %s; the checkpoint is mapped, not counted "
+           "here): %.2f GiB; VmHWM %.2f GiB\n", ctx->n_threads,
+           m.wmax ? (borrow ? "16-bit borrowed from the mapping, fp32 vectors" : "16-bit copy, fp32 vectors") : "fp32",
+           host0 / 1073741824.0, vm_hwm_kb() / 1048576.0);
     float *x = malloc((size_t)(B * C * H * W) * 4), *out = malloc((size_t)(B * m.out_ch * H * W) * 4);
     float *ctxt = malloc((size_t)(B * T * X) * 4), *dx = malloc((size_t)(B * C * H * W) * 4);
     float *dctx = malloc((size_t)(B * T * X) * 4), *dout = malloc((size_t)(B * m.out_ch * H * W) * 4);
@@ -72,6 +78,8 @@ int main(int argc, char **argv) {
         struct unet_plan p;
         if (unet_plan_init(&p, &m, B, H, W, T) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
         printf("# forward plan: %.2f GiB\n", unet_plan_bytes(&p) / 1073741824.0);
+        /* untimed warm-up: borrowed weights are first read from the mapped file here */
+        if (unet_forward(&p, x, t, ctxt, out) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }
         for (int r = 0; r < reps; r++) {
             double s = bench_now();
             if (unet_forward(&p, x, t, ctxt, out) != LORA_OK) { fprintf(stderr, "%s\n", lora_errmsg(ctx)); return 1; }

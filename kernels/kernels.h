@@ -55,6 +55,28 @@ int lk_embedding_f32(lora_cuda_stream s, int64_t n, int64_t c, const int32_t *id
 int lk_embedding_backward_f32(lora_cuda_stream s, int64_t n, int64_t c, const int32_t *ids, const float *dy,
                               int64_t positions, float *d_table, float *d_pos);
 
+/* image.cu: the image-op primitives of lib/backend/backend.h (U-Net / VAE, NCHW fp32), the
+ * same arguments and semantics as the CPU backend's (lib/backend/cpu_image.c). */
+int lk_im2col_ex_f32(lora_cuda_stream s, const float *x, int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                     int64_t stride, int64_t pad_t, int64_t pad_l, int64_t oh, int64_t ow, float *cols);
+int lk_col2im_f32(lora_cuda_stream s, const float *cols, int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                  int64_t stride, int64_t pad_t, int64_t pad_l, int64_t oh, int64_t ow, float *x, int accumulate);
+int lk_add_row_scalar_f32(lora_cuda_stream s, int64_t rows, int64_t cols, const float *v, int64_t period, float *y);
+int lk_row_sum_f32(lora_cuda_stream s, int64_t rows, int64_t cols, const float *x, float beta, float *out);
+int lk_groupnorm_f32(lora_cuda_stream s, int64_t batch, int64_t c, int64_t hw, int64_t groups, float eps, int silu,
+                     const float *x, const float *gamma, const float *beta, float *y, float *mean, float *rstd);
+int lk_groupnorm_backward_f32(lora_cuda_stream s, int64_t batch, int64_t c, int64_t hw, int64_t groups, int silu,
+                              const float *dy, const float *x, const float *mean, const float *rstd,
+                              const float *gamma, const float *beta, float *dx, int accumulate);
+int lk_upsample2x_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, const float *x, float *y);
+int lk_upsample2x_backward_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, const float *dy,
+                               float *dx);
+int lk_geglu_f32(lora_cuda_stream s, int64_t n, int64_t inner, const float *x, float *y);
+int lk_geglu_backward_f32(lora_cuda_stream s, int64_t n, int64_t inner, const float *x, const float *dy, float *dx);
+int lk_timestep_embedding_f32(lora_cuda_stream s, int64_t batch, int64_t dim, const float *t, int flip,
+                              float freq_shift, float max_period, float *y);
+int lk_clamp_f32(lora_cuda_stream s, int64_t n, float lo, float hi, float *x);
+
 #ifdef __cplusplus
 }
 #endif

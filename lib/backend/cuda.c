@@ -385,6 +385,81 @@ static void cuda_free(struct lora_backend_impl *be) {
     lora_free(NULL, be);
 }
 
+/* ---- image-op primitives (kernels/image.cu) ------------------------------------------- */
+static lora_status cuda_im2col_ex_f32(struct lora_backend_impl *be, const float *x, int64_t c, int64_t h, int64_t w,
+                                      int64_t kh, int64_t kw, int64_t stride, int64_t pad_t, int64_t pad_l,
+                                      int64_t oh, int64_t ow, float *cols) {
+    if (c < 0 || h < 1 || w < 1 || kh < 1 || kw < 1 || stride < 1 || oh < 0 || ow < 0)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda im2col_ex: bad shape");
+    LAUNCH(be, lk_im2col_ex_f32(stream_of(be), x, c, h, w, kh, kw, stride, pad_t, pad_l, oh, ow, cols), "im2col_ex");
+}
+static lora_status cuda_col2im_f32(struct lora_backend_impl *be, const float *cols, int64_t c, int64_t h, int64_t w,
+                                   int64_t kh, int64_t kw, int64_t stride, int64_t pad_t, int64_t pad_l, int64_t oh,
+                                   int64_t ow, float *x, int accumulate) {
+    if (c < 0 || h < 1 || w < 1 || kh < 1 || kw < 1 || stride < 1 || oh < 0 || ow < 0)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda col2im: bad shape");
+    LAUNCH(be, lk_col2im_f32(stream_of(be), cols, c, h, w, kh, kw, stride, pad_t, pad_l, oh, ow, x, accumulate),
+           "col2im");
+}
+static lora_status cuda_add_row_scalar_f32(struct lora_backend_impl *be, int64_t rows, int64_t cols, const float *v,
+                                           int64_t period, float *y) {
+    if (rows < 0 || cols < 0 || period < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda add_row_scalar: bad shape");
+    LAUNCH(be, lk_add_row_scalar_f32(stream_of(be), rows, cols, v, period, y), "add_row_scalar");
+}
+static lora_status cuda_row_sum_f32(struct lora_backend_impl *be, int64_t rows, int64_t cols, const float *x,
+                                    float beta, float *out) {
+    if (rows < 0 || cols < 0) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda row_sum: bad shape");
+    LAUNCH(be, lk_row_sum_f32(stream_of(be), rows, cols, x, beta, out), "row_sum");
+}
+static lora_status cuda_groupnorm_f32(struct lora_backend_impl *be, int64_t batch, int64_t c, int64_t hw,
+                                      int64_t groups, float eps, int silu, const float *x, const float *gamma,
+                                      const float *beta, float *y, float *mean, float *rstd) {
+    if (batch < 0 || c < 1 || hw < 1 || groups < 1 || c % groups)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda groupnorm: bad shape");
+    LAUNCH(be, lk_groupnorm_f32(stream_of(be), batch, c, hw, groups, eps, silu, x, gamma, beta, y, mean, rstd),
+           "groupnorm");
+}
+static lora_status cuda_groupnorm_backward_f32(struct lora_backend_impl *be, int64_t batch, int64_t c, int64_t hw,
+                                               int64_t groups, int silu, const float *dy, const float *x,
+                                               const float *mean, const float *rstd, const float *gamma,
+                                               const float *beta, float *dx, int accumulate) {
+    if (batch < 0 || c < 1 || hw < 1 || groups < 1 || c % groups)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda groupnorm backward: bad shape");
+    LAUNCH(be, lk_groupnorm_backward_f32(stream_of(be), batch, c, hw, groups, silu, dy, x, mean, rstd, gamma, beta,
+                                         dx, accumulate), "groupnorm backward");
+}
+static lora_status cuda_upsample2x_f32(struct lora_backend_impl *be, int64_t planes, int64_t h, int64_t w,
+                                       const float *x, float *y) {
+    if (planes < 0 || h < 1 || w < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda upsample2x: bad shape");
+    LAUNCH(be, lk_upsample2x_f32(stream_of(be), planes, h, w, x, y), "upsample2x");
+}
+static lora_status cuda_upsample2x_backward_f32(struct lora_backend_impl *be, int64_t planes, int64_t h, int64_t w,
+                                                const float *dy, float *dx) {
+    if (planes < 0 || h < 1 || w < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda upsample2x backward: bad shape");
+    LAUNCH(be, lk_upsample2x_backward_f32(stream_of(be), planes, h, w, dy, dx), "upsample2x backward");
+}
+static lora_status cuda_geglu_f32(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x, float *y) {
+    if (n < 0 || inner < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda geglu: bad shape");
+    LAUNCH(be, lk_geglu_f32(stream_of(be), n, inner, x, y), "geglu");
+}
+static lora_status cuda_geglu_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x,
+                                           const float *dy, float *dx) {
+    if (n < 0 || inner < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda geglu backward: bad shape");
+    LAUNCH(be, lk_geglu_backward_f32(stream_of(be), n, inner, x, dy, dx), "geglu backward");
+}
+static lora_status cuda_timestep_embedding_f32(struct lora_backend_impl *be, int64_t batch, int64_t dim,
+                                               const float *t, int flip_sin_to_cos, float freq_shift,
+                                               float max_period, float *y) {
+    if (batch < 0 || dim < 2 || (float)(dim / 2) == freq_shift)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda timestep embedding: bad shape");
+    LAUNCH(be, lk_timestep_embedding_f32(stream_of(be), batch, dim, t, flip_sin_to_cos, freq_shift, max_period, y),
+           "timestep embedding");
+}
+static lora_status cuda_clamp_f32(struct lora_backend_impl *be, int64_t n, float lo, float hi, float *x) {
+    if (n < 0) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda clamp: bad shape");
+    LAUNCH(be, lk_clamp_f32(stream_of(be), n, lo, hi, x), "clamp");
+}
+
 static const struct lora_backend_iface cuda_iface = {
     .version = LORA_BACKEND_IFACE_VERSION,
     .name = "cuda",
@@ -419,6 +494,18 @@ static const struct lora_backend_iface cuda_iface = {
     .softmax_backward_f32 = cuda_softmax_backward_f32,
     .embedding_f32 = cuda_embedding_f32,
     .embedding_backward_f32 = cuda_embedding_backward_f32,
+    .im2col_ex_f32 = cuda_im2col_ex_f32,
+    .col2im_f32 = cuda_col2im_f32,
+    .add_row_scalar_f32 = cuda_add_row_scalar_f32,
+    .row_sum_f32 = cuda_row_sum_f32,
+    .groupnorm_f32 = cuda_groupnorm_f32,
+    .groupnorm_backward_f32 = cuda_groupnorm_backward_f32,
+    .upsample2x_f32 = cuda_upsample2x_f32,
+    .upsample2x_backward_f32 = cuda_upsample2x_backward_f32,
+    .geglu_f32 = cuda_geglu_f32,
+    .geglu_backward_f32 = cuda_geglu_backward_f32,
+    .timestep_embedding_f32 = cuda_timestep_embedding_f32,
+    .clamp_f32 = cuda_clamp_f32,
 };
 
 lora_status lora_backend_cuda_create(lora_ctx *ctx, int32_t device, struct lora_backend_impl **out) {

@@ -14,31 +14,31 @@ static void xf_load(struct img_weights *w, struct unet_xf *x, int64_t c, int64_t
     snprintf(x->name, sizeof x->name, "%s", pre);
     x->gng = img_w(w, c, "%s.norm.weight", pre);
     x->gnb = img_w(w, c, "%s.norm.bias", pre);
-    x->piw = img_w(w, c * c, "%s.proj_in.weight", pre);
+    x->piw = img_m(w, c * c, "%s.proj_in.weight", pre);
     x->pib = img_w(w, c, "%s.proj_in.bias", pre);
-    x->pow_ = img_w(w, c * c, "%s.proj_out.weight", pre);
+    x->pow_ = img_m(w, c * c, "%s.proj_out.weight", pre);
     x->pob = img_w(w, c, "%s.proj_out.bias", pre);
     struct unet_tblock *t = &x->tb;
     const char *b = "transformer_blocks.0";
     t->ln1g = img_w(w, c, "%s.%s.norm1.weight", pre, b);
     t->ln1b = img_w(w, c, "%s.%s.norm1.bias", pre, b);
-    t->q1 = img_w(w, c * c, "%s.%s.attn1.to_q.weight", pre, b);
-    t->k1 = img_w(w, c * c, "%s.%s.attn1.to_k.weight", pre, b);
-    t->v1 = img_w(w, c * c, "%s.%s.attn1.to_v.weight", pre, b);
-    t->o1w = img_w(w, c * c, "%s.%s.attn1.to_out.0.weight", pre, b);
+    t->q1 = img_m(w, c * c, "%s.%s.attn1.to_q.weight", pre, b);
+    t->k1 = img_m(w, c * c, "%s.%s.attn1.to_k.weight", pre, b);
+    t->v1 = img_m(w, c * c, "%s.%s.attn1.to_v.weight", pre, b);
+    t->o1w = img_m(w, c * c, "%s.%s.attn1.to_out.0.weight", pre, b);
     t->o1b = img_w(w, c, "%s.%s.attn1.to_out.0.bias", pre, b);
     t->ln2g = img_w(w, c, "%s.%s.norm2.weight", pre, b);
     t->ln2b = img_w(w, c, "%s.%s.norm2.bias", pre, b);
-    t->q2 = img_w(w, c * c, "%s.%s.attn2.to_q.weight", pre, b);
-    t->k2 = img_w(w, c * ctx, "%s.%s.attn2.to_k.weight", pre, b);
-    t->v2 = img_w(w, c * ctx, "%s.%s.attn2.to_v.weight", pre, b);
-    t->o2w = img_w(w, c * c, "%s.%s.attn2.to_out.0.weight", pre, b);
+    t->q2 = img_m(w, c * c, "%s.%s.attn2.to_q.weight", pre, b);
+    t->k2 = img_m(w, c * ctx, "%s.%s.attn2.to_k.weight", pre, b);
+    t->v2 = img_m(w, c * ctx, "%s.%s.attn2.to_v.weight", pre, b);
+    t->o2w = img_m(w, c * c, "%s.%s.attn2.to_out.0.weight", pre, b);
     t->o2b = img_w(w, c, "%s.%s.attn2.to_out.0.bias", pre, b);
     t->ln3g = img_w(w, c, "%s.%s.norm3.weight", pre, b);
     t->ln3b = img_w(w, c, "%s.%s.norm3.bias", pre, b);
-    t->f1w = img_w(w, 8 * c * c, "%s.%s.ff.net.0.proj.weight", pre, b);
+    t->f1w = img_m(w, 8 * c * c, "%s.%s.ff.net.0.proj.weight", pre, b);
     t->f1b = img_w(w, 8 * c, "%s.%s.ff.net.0.proj.bias", pre, b);
-    t->f2w = img_w(w, 4 * c * c, "%s.%s.ff.net.2.weight", pre, b);
+    t->f2w = img_m(w, 4 * c * c, "%s.%s.ff.net.2.weight", pre, b);
     t->f2b = img_w(w, c, "%s.%s.ff.net.2.bias", pre, b);
 }
 
@@ -62,11 +62,11 @@ static void unet_build(struct unet_model *m, struct img_weights *w) {
     int64_t L = m->levels, T = m->temb, c0 = m->ch[0], X = m->ctx_dim;
     char pre[160];
     m->n_xf = 0;
-    m->t1w = img_w(w, T * c0, "time_embedding.linear_1.weight");
+    m->t1w = img_m(w, T * c0, "time_embedding.linear_1.weight");
     m->t1b = img_w(w, T, "time_embedding.linear_1.bias");
-    m->t2w = img_w(w, T * T, "time_embedding.linear_2.weight");
+    m->t2w = img_m(w, T * T, "time_embedding.linear_2.weight");
     m->t2b = img_w(w, T, "time_embedding.linear_2.bias");
-    m->cin_w = img_w(w, c0 * m->in_ch * 9, "conv_in.weight");
+    m->cin_w = img_m(w, c0 * m->in_ch * 9, "conv_in.weight");
     m->cin_b = img_w(w, c0, "conv_in.bias");
     for (int64_t i = 0; i < L; i++) {
         for (int64_t j = 0; j < m->layers; j++) {
@@ -79,7 +79,7 @@ static void unet_build(struct unet_model *m, struct img_weights *w) {
             }
         }
         if (i < L - 1) {
-            m->dconv_w[i] = img_w(w, m->ch[i] * m->ch[i] * 9, "down_blocks.%lld.downsamplers.0.conv.weight", (long long)i);
+            m->dconv_w[i] = img_m(w, m->ch[i] * m->ch[i] * 9, "down_blocks.%lld.downsamplers.0.conv.weight", (long long)i);
             m->dconv_b[i] = img_w(w, m->ch[i], "down_blocks.%lld.downsamplers.0.conv.bias", (long long)i);
         }
     }
@@ -103,14 +103,14 @@ static void unet_build(struct unet_model *m, struct img_weights *w) {
             }
         }
         if (i < L - 1) {
-            m->uconv_w[i] = img_w(w, out * out * 9, "up_blocks.%lld.upsamplers.0.conv.weight", (long long)i);
+            m->uconv_w[i] = img_m(w, out * out * 9, "up_blocks.%lld.upsamplers.0.conv.weight", (long long)i);
             m->uconv_b[i] = img_w(w, out, "up_blocks.%lld.upsamplers.0.conv.bias", (long long)i);
         }
         prev = out;
     }
     m->no_g = img_w(w, c0, "conv_norm_out.weight");
     m->no_b = img_w(w, c0, "conv_norm_out.bias");
-    m->cout_w = img_w(w, m->out_ch * c0 * 9, "conv_out.weight");
+    m->cout_w = img_m(w, m->out_ch * c0 * 9, "conv_out.weight");
     m->cout_b = img_w(w, m->out_ch, "conv_out.bias");
 }
 
@@ -122,6 +122,11 @@ void unet_free(struct unet_model *m) {
 
 lora_status unet_init(struct unet_model *m, struct lora_backend_impl *be,
                       const struct tensor_map *unet, const struct sd_config *cfg) {
+    return unet_init_ex(m, be, unet, cfg, 0);
+}
+
+lora_status unet_init_ex(struct unet_model *m, struct lora_backend_impl *be,
+                         const struct tensor_map *unet, const struct sd_config *cfg, int flags) {
     memset(m, 0, sizeof *m);
     if (!be || !unet || !cfg) return LORA_E_INVALID_ARG;
     if (cfg->n_levels < 1 || cfg->n_levels > SD_MAX_LEVELS || cfg->layers_per_block < 1 ||
@@ -145,12 +150,16 @@ lora_status unet_init(struct unet_model *m, struct lora_backend_impl *be,
                              (long long)i, (long long)m->ch[i], (long long)m->heads[i], (long long)m->groups);
     }
     m->temb = 4 * m->ch[0];
-    struct img_weights w = {be, unet, "unet", 0, NULL, 0, NULL, 0, LORA_OK};
+    /* borrowing needs the backend to compute on host memory */
+    int borrow = (flags & UNET_BORROW_16BIT) && be->iface->name && strcmp(be->iface->name, "cpu") == 0;
+    struct img_weights w = {be, unet, "unet", 0, NULL, 0, NULL, 0, LORA_OK, 1, borrow, 0};
     unet_build(m, &w);
     if (w.err != LORA_OK) { lora_status s = w.err; unet_free(m); return s; }
     void *buf = NULL;
     LORA_TRY(be->iface->buf_alloc(be, (size_t)w.off, &buf));
     m->weights = buf;
+    m->weight_bytes = w.off;
+    m->wmax = w.wmax;
     w.pass = 1; w.base = buf; w.off = 0;
     unet_build(m, &w);
     if (w.stage) be->iface->buf_free(be, w.stage);
@@ -209,12 +218,18 @@ static int64_t slot_sizes(const struct unet_model *m, int64_t B, int64_t h, int6
     return n;
 }
 
-static void xsave_take(struct cursor *cur, struct unet_xsave *s, int64_t B, int64_t hw, int64_t C, int64_t T,
-                       int64_t groups) {
+/* the recompute / gradient token buffers p->tok[] (and a saved set's tok[]) */
+enum { TG, TH0, TH1, TH2, TH3, TL1, TL2, TL3, TQ, TK, TV, TA1, TQ2, TA2, TD, TDA, TDQ, TDK, TDV, TDL };
+
+/* A transformer's saved set (UNET_TRAIN_SAVE_ALL). The three LayerNorm outputs and the GEGLU
+ * output are not kept: they share the plan's buffers and the backward recomputes them from
+ * the kept LayerNorm inputs and GEGLU input (elementwise work, 7 of 26 token-widths saved). */
+static void xsave_take(struct cursor *cur, struct unet_plan *p, struct unet_xsave *s, int64_t B, int64_t hw,
+                       int64_t C, int64_t T, int64_t groups) {
     int64_t n = B * hw * C;
-    for (int t = 0; t < UNET_NSAVED; t++) s->tok[t] = take(cur, n);
+    for (int t = 0; t < UNET_NSAVED; t++) s->tok[t] = t == TL1 || t == TL2 || t == TL3 ? p->tok[TL1] : take(cur, n);
     s->ff1 = take(cur, 8 * n);
-    s->ff2 = take(cur, 4 * n);
+    s->ff2 = p->ff2;
     s->ck = take(cur, B * T * C);
     s->cv = take(cur, B * T * C);
     for (int t = 0; t < 3; t++) { s->sm[t] = take(cur, B * hw); s->sr[t] = take(cur, B * hw); }
@@ -234,13 +249,28 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
     }
     int64_t hw = h * w, tk = hw > T ? hw : T;
     struct img_ws *ws = &p->ws;
-    ws->act_floats = B * hw * 2 * maxc;
-    ws->cols_floats = 2 * maxc * 9 * hw;
+    /* The widest activation at level i: an up resnet's concat of the level below (or this)
+     * and a skip of this level (or the one above, after its downsampler). Convolutions read
+     * at most that many input channels: im2col runs in bands of output rows within
+     * UNET_COLS_CAP floats (or one row, if that is more). */
+    int64_t act = B * hw * (m->in_ch > m->out_ch ? m->in_ch : m->out_ch), rowc = 0;
+    for (int64_t i = 0; i < m->levels; i++) {
+        int64_t a = i ? (m->ch[i - 1] > m->ch[i] ? m->ch[i - 1] : m->ch[i]) : m->ch[i];
+        int64_t b = i + 1 < m->levels ? (m->ch[i + 1] > m->ch[i] ? m->ch[i + 1] : m->ch[i]) : m->ch[i];
+        int64_t n = B * (h >> i) * (w >> i) * (a + b), r = 9 * (a + b) * (w >> i);
+        if (n > act) act = n;
+        if (r > rowc) rowc = r;
+    }
+    ws->act_floats = act;
+    ws->cols_floats = 9 * (act / B) < UNET_COLS_CAP ? 9 * (act / B) : UNET_COLS_CAP;
+    if (ws->cols_floats < rowc) ws->cols_floats = rowc;
+    ws->wbuf_floats = m->wmax;
     int64_t block = hw < 256 ? hw : 256;
     ws->att_floats = nn_mha_scratch_floats(maxh, tk, block, p->train);
     struct cursor cv = {base, 0}, *cur = &cv;
     for (int k = 0; k < IMG_NBUF; k++) ws->buf[k] = take(cur, ws->act_floats);
     ws->cols = take(cur, ws->cols_floats);
+    ws->wbuf = ws->wbuf_floats ? take(cur, ws->wbuf_floats) : NULL;
     ws->mean = take(cur, B * m->groups);
     ws->rstd = take(cur, B * m->groups);
     ws->att = take(cur, ws->att_floats);
@@ -291,13 +321,13 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
             int64_t n = 0, L = m->levels;
             for (int64_t i = 0; i < L; i++)
                 if (m->attn[i])
-                    for (int64_t j = 0; j < m->layers; j++) xsave_take(cur, &p->xs[n++], B, (h >> i) * (w >> i), m->ch[i], T, m->groups);
-            xsave_take(cur, &p->xs[n++], B, (h >> (L - 1)) * (w >> (L - 1)), m->ch[L - 1], T, m->groups);
+                    for (int64_t j = 0; j < m->layers; j++) xsave_take(cur, p, &p->xs[n++], B, (h >> i) * (w >> i), m->ch[i], T, m->groups);
+            xsave_take(cur, p, &p->xs[n++], B, (h >> (L - 1)) * (w >> (L - 1)), m->ch[L - 1], T, m->groups);
             for (int64_t i = 0; i < L; i++) {
                 int64_t lv = L - 1 - i;
                 if (m->attn[lv])
                     for (int64_t j = 0; j <= m->layers; j++)
-                        xsave_take(cur, &p->xs[n++], B, (h >> lv) * (w >> lv), m->ch[lv], T, m->groups);
+                        xsave_take(cur, p, &p->xs[n++], B, (h >> lv) * (w >> lv), m->ch[lv], T, m->groups);
             }
         }
         for (int t = 0; t < 2; t++) { p->rm[t] = take(cur, B * m->groups); p->rr[t] = take(cur, B * m->groups); }
@@ -371,9 +401,16 @@ static float *dw_of(const struct unet_plan *p, const struct unet_xf *x, int t) {
 }
 
 /* y = x W^T (+ b) (+ LoRA), rows n */
+static lora_status wf32(struct unet_plan *p, struct img_mat m, const float **out) {
+    struct img_ctx c = {p->m->be, &p->ws, p->m->groups, 1e-5f};
+    return img_f32(&c, m, out);
+}
+
 static lora_status lin_f(struct unet_plan *p, const struct unet_xf *xf, int t, float *y, const float *x,
-                         const float *w, const float *b, int64_t n, int64_t in, int64_t out) {
+                         struct img_mat wm, const float *b, int64_t n, int64_t in, int64_t out) {
     struct lora_backend_impl *be = p->m->be;
+    const float *w = NULL;
+    LORA_TRY(wf32(p, wm, &w));
     LORA_TRY(nn_linear_forward(be, y, x, w, b, n, in, out));
     const struct nn_lora *l = lora_of(p, xf, t);
     return l ? nn_lora_forward(be, l, y, p->lh, x, n) : LORA_OK;
@@ -381,8 +418,10 @@ static lora_status lin_f(struct unet_plan *p, const struct unet_xf *xf, int t, f
 
 /* dx (=, or += with acc) from dy through W and the LoRA; dW and LoRA gradients accumulate */
 static lora_status lin_b(struct unet_plan *p, const struct unet_xf *xf, int t, float *dx, const float *dy,
-                         const float *x, const float *w, int64_t n, int64_t in, int64_t out, int acc) {
+                         const float *x, struct img_mat wm, int64_t n, int64_t in, int64_t out, int acc) {
     struct lora_backend_impl *be = p->m->be;
+    const float *w = NULL;
+    LORA_TRY(wf32(p, wm, &w));
     LORA_TRY(nn_linear_backward(be, dx, dw_of(p, xf, t), NULL, dy, x, w, n, in, out, acc));
     const struct nn_lora *l = lora_of(p, xf, t);
     if (!l) return LORA_OK;
@@ -394,7 +433,9 @@ static lora_status lin_b(struct unet_plan *p, const struct unet_xf *xf, int t, f
 static lora_status proj_in_f(struct unet_plan *p, const struct unet_xf *xf, float *y, const float *x, int64_t hw) {
     struct lora_backend_impl *be = p->m->be;
     int64_t B = p->batch, C = xf->c;
-    LORA_TRY(nn_proj_to_tokens_forward(be, y, x, xf->piw, xf->pib, B, hw, C, C));
+    const float *w = NULL;
+    LORA_TRY(wf32(p, xf->piw, &w));
+    LORA_TRY(nn_proj_to_tokens_forward(be, y, x, w, xf->pib, B, hw, C, C));
     const struct nn_lora *l = lora_of(p, xf, UNET_T_PROJ_IN);
     if (!l) return LORA_OK;
     int64_t r = l->rank;
@@ -408,7 +449,9 @@ static lora_status proj_in_b(struct unet_plan *p, const struct unet_xf *xf, floa
                              const float *x, int64_t hw) {
     struct lora_backend_impl *be = p->m->be;
     int64_t B = p->batch, C = xf->c;
-    LORA_TRY(nn_proj_to_tokens_backward(be, dx, dy, xf->piw, B, hw, C, C, 0));
+    const float *w = NULL;
+    LORA_TRY(wf32(p, xf->piw, &w));
+    LORA_TRY(nn_proj_to_tokens_backward(be, dx, dy, w, B, hw, C, C, 0));
     float *dw = dw_of(p, xf, UNET_T_PROJ_IN);
     if (dw)
         for (int64_t b = 0; b < B; b++)
@@ -437,7 +480,9 @@ static lora_status proj_in_b(struct unet_plan *p, const struct unet_xf *xf, floa
 static lora_status proj_out_f(struct unet_plan *p, const struct unet_xf *xf, float *y, const float *x, int64_t hw) {
     struct lora_backend_impl *be = p->m->be;
     int64_t B = p->batch, C = xf->c;
-    LORA_TRY(nn_proj_from_tokens_forward(be, y, x, xf->pow_, xf->pob, B, hw, C, C));
+    const float *w = NULL;
+    LORA_TRY(wf32(p, xf->pow_, &w));
+    LORA_TRY(nn_proj_from_tokens_forward(be, y, x, w, xf->pob, B, hw, C, C));
     const struct nn_lora *l = lora_of(p, xf, UNET_T_PROJ_OUT);
     if (!l) return LORA_OK;
     int64_t r = l->rank;
@@ -453,7 +498,9 @@ static lora_status proj_out_b(struct unet_plan *p, const struct unet_xf *xf, flo
                               const float *x, int64_t hw) {
     struct lora_backend_impl *be = p->m->be;
     int64_t B = p->batch, C = xf->c;
-    LORA_TRY(nn_proj_from_tokens_backward(be, dx, dy, xf->pow_, B, hw, C, C, 0));
+    const float *w = NULL;
+    LORA_TRY(wf32(p, xf->pow_, &w));
+    LORA_TRY(nn_proj_from_tokens_backward(be, dx, dy, w, B, hw, C, C, 0));
     float *dw = dw_of(p, xf, UNET_T_PROJ_OUT);
     if (dw)
         for (int64_t b = 0; b < B; b++)
@@ -477,7 +524,6 @@ static lora_status proj_out_b(struct unet_plan *p, const struct unet_xf *xf, flo
 
 /* ---- transformer ----------------------------------------------------------------------------------- */
 
-enum { TG, TH0, TH1, TH2, TH3, TL1, TL2, TL3, TQ, TK, TV, TA1, TQ2, TA2, TD, TDA, TDQ, TDK, TDV, TDL };
 
 /* the block's token-side forward: writes h (proj_in output, then the running residual) and,
  * with `save` (the backward's recompute), every intermediate into p->tok. */
@@ -557,16 +603,22 @@ static lora_status xf_backward(struct unet_plan *p, struct img_ctx *c, const str
     } else LORA_TRY(xf_tokens(p, c, x, in, context, hw, S, &h3));
     float *const *sv = S->tok;
     float *D = b[TD], *DA = b[TDA], *DQ = b[TDQ], *DK = b[TDK], *DV = b[TDV], *DL = b[TDL];
+    /* save-all keeps neither the LayerNorm outputs nor the GEGLU output: recompute each
+     * right before its use (the same bits as the forward's) */
+    int re = p->train == UNET_TRAIN_SAVE_ALL;
     LORA_TRY(proj_out_b(p, x, D, dy, h3, hw));
     /* feed-forward */
+    if (re) LORA_TRY(nn_geglu_forward(be, S->ff2, S->ff1, n, 4 * C));
     LORA_TRY(lin_b(p, x, UNET_T_FF2, p->dff2, D, S->ff2, t->f2w, n, 4 * C, C, 0));
     LORA_TRY(nn_geglu_backward(be, p->dff1, p->dff2, S->ff1, n, 4 * C));
+    if (re) LORA_TRY(nn_layernorm_forward(be, sv[TL3], S->sm[2], S->sr[2], sv[TH2], t->ln3g, t->ln3b, n, C, 1e-5f));
     LORA_TRY(lin_b(p, x, UNET_T_FF0, DL, p->dff1, sv[TL3], t->f1w, n, C, 8 * C, 0));
     LORA_TRY(nn_layernorm_backward(be, D, NULL, NULL, DL, sv[TH2], S->sm[2], S->sr[2], t->ln3g, n, C, 1));
     /* cross-attention */
     LORA_TRY(lin_b(p, x, UNET_T_O2, DA, D, sv[TA2], t->o2w, n, C, C, 0));
     LORA_TRY(nn_mha_backward(be, DQ, p->dck, p->dcv, DA, sv[TQ2], S->ck, S->cv, B, hw, T, H, d, 0.0f, ws->att,
                              ws->att_floats));
+    if (re) LORA_TRY(nn_layernorm_forward(be, sv[TL2], S->sm[1], S->sr[1], sv[TH1], t->ln2g, t->ln2b, n, C, 1e-5f));
     LORA_TRY(lin_b(p, x, UNET_T_Q2, DL, DQ, sv[TL2], t->q2, n, C, C, 0));
     if (dctx) {
         LORA_TRY(lin_b(p, x, UNET_T_K2, dctx, p->dck, context, t->k2, B * T, X, C, 1));
@@ -583,6 +635,7 @@ static lora_status xf_backward(struct unet_plan *p, struct img_ctx *c, const str
     LORA_TRY(lin_b(p, x, UNET_T_O1, DA, D, sv[TA1], t->o1w, n, C, C, 0));
     LORA_TRY(nn_mha_backward(be, DQ, DK, DV, DA, sv[TQ], sv[TK], sv[TV], B, hw, hw, H, d, 0.0f, ws->att,
                              ws->att_floats));
+    if (re) LORA_TRY(nn_layernorm_forward(be, sv[TL1], S->sm[0], S->sr[0], sv[TH0], t->ln1g, t->ln1b, n, C, 1e-5f));
     LORA_TRY(lin_b(p, x, UNET_T_Q1, DL, DQ, sv[TL1], t->q1, n, C, C, 0));
     LORA_TRY(lin_b(p, x, UNET_T_K1, DL, DK, sv[TL1], t->k1, n, C, C, 1));
     LORA_TRY(lin_b(p, x, UNET_T_V1, DL, DV, sv[TL1], t->v1, n, C, C, 1));
@@ -595,6 +648,14 @@ static lora_status xf_backward(struct unet_plan *p, struct img_ctx *c, const str
 
 /* ---- resnet backward (recompute from the saved input) ------------------------------------------- */
 
+/* conv input gradient with a stored (maybe 16-bit) weight, im2col in bands of the plan's cols */
+static lora_status conv_b(struct img_ctx *c, const struct nn_conv2d_shape *s, float *dx, const float *dy,
+                          struct img_mat wm, int accumulate) {
+    const float *w = NULL;
+    LORA_TRY(img_f32(c, wm, &w));
+    return nn_conv2d_backward_ex(c->be, s, dx, c->ws->cols, c->ws->cols_floats, dy, w, accumulate);
+}
+
 /* dx [B, cin, hw] written from dy [B, cout, hw]; uses ws->buf[1..3]. dx must not alias dy, x. */
 static lora_status res_backward(struct unet_plan *p, struct img_ctx *c, const struct img_resnet *r, float *dx,
                                 const float *dy, const float *x, const float *temb, int64_t h, int64_t w) {
@@ -603,24 +664,26 @@ static lora_status res_backward(struct unet_plan *p, struct img_ctx *c, const st
     int64_t B = p->batch, hw = h * w;
     float *t0 = ws->buf[1], *t1 = ws->buf[2], *t2 = ws->buf[3];
     LORA_TRY(nn_groupnorm_forward(be, t0, p->rm[0], p->rr[0], x, r->n1g, r->n1b, B, r->cin, hw, c->groups, c->eps, 1));
-    LORA_TRY(img_conv(c, t1, t0, r->c1w, r->c1b, B, r->cin, h, w, r->cout, 3, 1, 1));
+    LORA_TRY(img_convm(c, t1, t0, r->c1w, r->c1b, B, r->cin, h, w, r->cout, 3, 1, 1));
     if (r->temb && temb) {
-        LORA_TRY(nn_linear_forward(be, ws->vec[3], temb, r->tw, r->tb, B, r->temb, r->cout));
+        const float *tw = NULL;
+        LORA_TRY(img_f32(c, r->tw, &tw));
+        LORA_TRY(nn_linear_forward(be, ws->vec[3], temb, tw, r->tb, B, r->temb, r->cout));
         LORA_TRY(nn_add_channel(be, t1, ws->vec[3], B, r->cout, hw, 1));
     }
     LORA_TRY(nn_groupnorm_forward(be, t0, p->rm[1], p->rr[1], t1, r->n2g, r->n2b, B, r->cout, hw, c->groups,
                                   c->eps, 1));
     struct nn_conv2d_shape s2 = {B, r->cout, h, w, r->cout, 3, 1, 1, 1, 1, 1};
-    LORA_TRY(nn_conv2d_backward(be, &s2, t0, ws->cols, dy, r->c2w, 0));
+    LORA_TRY(conv_b(c, &s2, t0, dy, r->c2w, 0));
     LORA_TRY(nn_groupnorm_backward(be, t2, t0, t1, p->rm[1], p->rr[1], r->n2g, r->n2b, B, r->cout, hw, c->groups,
                                    1, 0));
     struct nn_conv2d_shape s1 = {B, r->cin, h, w, r->cout, 3, 1, 1, 1, 1, 1};
-    LORA_TRY(nn_conv2d_backward(be, &s1, t0, ws->cols, t2, r->c1w, 0));
+    LORA_TRY(conv_b(c, &s1, t0, t2, r->c1w, 0));
     LORA_TRY(nn_groupnorm_backward(be, dx, t0, x, p->rm[0], p->rr[0], r->n1g, r->n1b, B, r->cin, hw, c->groups,
                                    1, 0));
-    if (r->scw) {
+    if (r->scw.p) {
         struct nn_conv2d_shape ss = {B, r->cin, h, w, r->cout, 1, 1, 0, 0, 0, 0};
-        return nn_conv2d_backward(be, &ss, dx, ws->cols, dy, r->scw, 1);
+        return conv_b(c, &ss, dx, dy, r->scw, 1);
     }
     return be->iface->axpby_f32(be, B * r->cout * hw, 1.0f, dy, 1.0f, dx);
 }
@@ -647,15 +710,18 @@ lora_status unet_forward(struct unet_plan *p, const float *sample, const float *
     memcpy(p->tvec_host, timesteps, (size_t)B * sizeof(float));
     LORA_TRY(be->iface->upload(be, p->tvec, p->tvec_host, (size_t)B * sizeof(float)));
     LORA_TRY(nn_timestep_embedding(be, ws->vec[0], p->tvec, B, c0, 1, 0.0f));
-    LORA_TRY(nn_linear_forward(be, ws->vec[1], ws->vec[0], m->t1w, m->t1b, B, c0, m->temb));
+    const float *tw = NULL;
+    LORA_TRY(img_f32(&c, m->t1w, &tw));
+    LORA_TRY(nn_linear_forward(be, ws->vec[1], ws->vec[0], tw, m->t1b, B, c0, m->temb));
     LORA_TRY(be->iface->silu_f32(be, B * m->temb, ws->vec[1], ws->vec[1]));
-    LORA_TRY(nn_linear_forward(be, ws->vec[2], ws->vec[1], m->t2w, m->t2b, B, m->temb, m->temb));
+    LORA_TRY(img_f32(&c, m->t2w, &tw));
+    LORA_TRY(nn_linear_forward(be, ws->vec[2], ws->vec[1], tw, m->t2b, B, m->temb, m->temb));
     LORA_TRY(be->iface->silu_f32(be, B * m->temb, ws->vec[2], ws->vec[0]));
     const float *temb = ws->vec[0];
 
     int64_t ns = 0, chs[UNET_MAX_SKIPS], cur = c0;
     skip_channels(m, chs);
-    LORA_TRY(img_conv(&c, x0, sample, m->cin_w, m->cin_b, B, m->in_ch, h, w, c0, 3, 1, 1));
+    LORA_TRY(img_convm(&c, x0, sample, m->cin_w, m->cin_b, B, m->in_ch, h, w, c0, 3, 1, 1));
     LORA_TRY(be->iface->copy(be, p->skip[ns++], x0, (size_t)(B * c0 * h * w) * 4));
     for (int64_t i = 0; i < L; i++) {
         LORA_TRY(lora_check_cancel(be->ctx));
@@ -671,7 +737,7 @@ lora_status unet_forward(struct unet_plan *p, const float *sample, const float *
             LORA_TRY(be->iface->copy(be, p->skip[ns++], x0, (size_t)(B * C * hw) * 4));
         }
         if (i < L - 1) {
-            LORA_TRY(img_conv(&c, x1, x0, m->dconv_w[i], m->dconv_b[i], B, C, h, w, C, 3, 2, 1));
+            LORA_TRY(img_convm(&c, x1, x0, m->dconv_w[i], m->dconv_b[i], B, C, h, w, C, 3, 2, 1));
             h /= 2; w /= 2;
             LORA_TRY(be->iface->copy(be, x0, x1, (size_t)(B * C * h * w) * 4));
             LORA_TRY(be->iface->copy(be, p->skip[ns++], x0, (size_t)(B * C * h * w) * 4));
@@ -704,13 +770,13 @@ lora_status unet_forward(struct unet_plan *p, const float *sample, const float *
         if (i < L - 1) {
             LORA_TRY(nn_upsample2x_forward(be, x1, x0, B * C, h, w));
             h *= 2; w *= 2;
-            LORA_TRY(img_conv(&c, x0, x1, m->uconv_w[i], m->uconv_b[i], B, C, h, w, C, 3, 1, 1));
+            LORA_TRY(img_convm(&c, x0, x1, m->uconv_w[i], m->uconv_b[i], B, C, h, w, C, 3, 1, 1));
         }
     }
     LORA_TRY(save(p, &sl, x0, B * c0 * h * w));
     LORA_TRY(nn_groupnorm_forward(be, x1, ws->mean, ws->rstd, x0, m->no_g, m->no_b, B, c0, h * w, m->groups,
                                   1e-5f, 1));
-    return img_conv(&c, out, x1, m->cout_w, m->cout_b, B, c0, h, w, m->out_ch, 3, 1, 1);
+    return img_convm(&c, out, x1, m->cout_w, m->cout_b, B, c0, h, w, m->out_ch, 3, 1, 1);
 }
 
 /* ---- backward ----------------------------------------------------------------------------------- */
@@ -732,7 +798,7 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
     int64_t H = p->h, W = p->w;
     /* conv_out, norm_out */
     struct nn_conv2d_shape so = {B, c0, H, W, m->out_ch, 3, 1, 1, 1, 1, 1};
-    LORA_TRY(nn_conv2d_backward(be, &so, gn, ws->cols, dout, m->cout_w, 0));
+    LORA_TRY(conv_b(&c, &so, gn, dout, m->cout_w, 0));
     const float *xs = p->slot[--sl];
     LORA_TRY(nn_groupnorm_forward(be, ws->buf[1], ws->mean, ws->rstd, xs, m->no_g, m->no_b, B, c0, H * W, m->groups,
                                   1e-5f, 1));
@@ -760,7 +826,7 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
         int64_t lv = L - 1 - i, C = m->ch[lv];
         if (i < L - 1) {
             struct nn_conv2d_shape su = {B, C, h, w, C, 3, 1, 1, 1, 1, 1};
-            LORA_TRY(nn_conv2d_backward(be, &su, gn, ws->cols, g, m->uconv_w[i], 0));
+            LORA_TRY(conv_b(&c, &su, gn, g, m->uconv_w[i], 0));
             h /= 2; w /= 2;
             LORA_TRY(nn_upsample2x_backward(be, g, gn, B * C, h, w));
         }
@@ -800,7 +866,7 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
             k--;
             LORA_TRY(be->iface->axpby_f32(be, B * C * h * w, 1.0f, p->dskip[k], 1.0f, g));
             struct nn_conv2d_shape sd = {B, C, 2 * h, 2 * w, C, 3, 2, 1, 1, 1, 1};
-            LORA_TRY(nn_conv2d_backward(be, &sd, gn, ws->cols, g, m->dconv_w[i], 0));
+            LORA_TRY(conv_b(&c, &sd, gn, g, m->dconv_w[i], 0));
             SWAP();
             h *= 2; w *= 2;
         }
@@ -824,6 +890,6 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
                                             (long long)k, (long long)sl);
     if (!d_sample) return LORA_OK;
     struct nn_conv2d_shape si = {B, m->in_ch, h, w, c0, 3, 1, 1, 1, 1, 1};
-    return nn_conv2d_backward(be, &si, d_sample, ws->cols, g, m->cin_w, 0);
+    return conv_b(&c, &si, d_sample, g, m->cin_w, 0);
 #undef SWAP
 }

@@ -17,23 +17,34 @@
  *                                     stay unchanged until the backward)
  *   unet_backward(&p, dout, d_sample, d_context)
  * The backward recomputes each block's internals from its saved input (per-block
- * checkpointing; with train = UNET_TRAIN_SAVE_ALL the transformers' internals are kept instead) and then runs the block backward; base weights are frozen. d_sample and
- * d_context are written (either may be NULL); LoRA d_down/d_up and dW accumulate. One backward
- * per forward. */
+ * checkpointing; with train = UNET_TRAIN_SAVE_ALL the transformers' internals are kept
+ * instead, except the LayerNorm and GEGLU outputs, recomputed elementwise) and then runs the
+ * block backward; base weights are frozen. d_sample and d_context are written (either may be
+ * NULL); LoRA d_down/d_up and dW accumulate. One backward per forward.
+ *
+ * Memory (SD1.5, 64x64 latents, batch 1): the weights (F16/BF16 matrices kept 16-bit and
+ * widened per GEMM into one scratch of the largest matrix; or borrowed from the checkpoint,
+ * unet_init_ex), plus one plan: activation buffers sized by the widest level (concat of
+ * neighbouring widths), im2col in bands of output rows (UNET_COLS_CAP), attention in query
+ * blocks (no full score matrix), the saved block inputs and skips, and with SAVE_ALL the
+ * transformers' intermediates (most of a save-all plan). */
 #ifndef LORA_MODEL_UNET_H
 #define LORA_MODEL_UNET_H
 
 #include "model/vae.h"
 
+/* Weight matrices are struct img_mat (vae.h): an F16/BF16 checkpoint's U-Net matrices stay
+ * 16-bit in memory (half of the fp32 3.4 GB of SD1.5) and are widened, exactly, into the
+ * plan's scratch right before each GEMM; vectors (biases, norms) are fp32. */
 struct unet_tblock {
-    const float *ln1g, *ln1b, *q1, *k1, *v1, *o1w, *o1b;
-    const float *ln2g, *ln2b, *q2, *k2, *v2, *o2w, *o2b;
-    const float *ln3g, *ln3b, *f1w, *f1b, *f2w, *f2b;
+    const float *ln1g, *ln1b, *o1b, *ln2g, *ln2b, *o2b, *ln3g, *ln3b, *f1b, *f2b;
+    struct img_mat q1, k1, v1, o1w, q2, k2, v2, o2w, f1w, f2w;
 };
 struct unet_xf {
     int64_t c, heads, index;    /* index: forward order (down, mid, up) */
     char name[48];              /* diffusers prefix, e.g. "down_blocks.0.attentions.1" */
-    const float *gng, *gnb, *piw, *pib, *pow_, *pob;
+    const float *gng, *gnb, *pib, *pob;
+    struct img_mat piw, pow_;
     struct unet_tblock tb;
 };
 
@@ -42,16 +53,21 @@ struct unet_model {
     int64_t levels, layers, groups, ctx_dim, in_ch, out_ch, temb;
     int64_t ch[SD_MAX_LEVELS], attn[SD_MAX_LEVELS], heads[SD_MAX_LEVELS];
     float *weights;
-    const float *t1w, *t1b, *t2w, *t2b, *cin_w, *cin_b;
+    uint64_t weight_bytes;
+    int64_t wmax;               /* largest 16-bit matrix (elements): the plan's widening buffer */
+    const float *t1b, *t2b, *cin_b;
+    struct img_mat t1w, t2w, cin_w;
     struct img_resnet dres[SD_MAX_LEVELS][IMG_MAX_LAYERS];
     struct unet_xf dxf[SD_MAX_LEVELS][IMG_MAX_LAYERS];
-    const float *dconv_w[SD_MAX_LEVELS], *dconv_b[SD_MAX_LEVELS];
+    struct img_mat dconv_w[SD_MAX_LEVELS];
+    const float *dconv_b[SD_MAX_LEVELS];
     struct img_resnet mr0, mr1;
     struct unet_xf mxf;
     struct img_resnet ures[SD_MAX_LEVELS][IMG_MAX_LAYERS + 1];
     struct unet_xf uxf[SD_MAX_LEVELS][IMG_MAX_LAYERS + 1];
-    const float *uconv_w[SD_MAX_LEVELS], *uconv_b[SD_MAX_LEVELS];
-    const float *no_g, *no_b, *cout_w, *cout_b;
+    struct img_mat uconv_w[SD_MAX_LEVELS], cout_w;
+    const float *uconv_b[SD_MAX_LEVELS];
+    const float *no_g, *no_b, *cout_b;
     int64_t n_xf;
     const struct unet_xf *xf[64];   /* every transformer in forward order */
 };
@@ -76,11 +92,26 @@ struct unet_adapters {
 
 lora_status unet_init(struct unet_model *m, struct lora_backend_impl *be,
                       const struct tensor_map *unet, const struct sd_config *cfg);
+/* unet_init with flags: UNET_BORROW_16BIT (CPU backend only; elsewhere ignored): the 16-bit
+ * matrices point into `unet`'s tensor data (for a safetensors checkpoint, its read-only
+ * mapping) instead of a copy: no weight memory of its own, but `unet` must then stay loaded
+ * and unchanged until unet_free. */
+#define UNET_BORROW_16BIT 1
+lora_status unet_init_ex(struct unet_model *m, struct lora_backend_impl *be,
+                         const struct tensor_map *unet, const struct sd_config *cfg, int flags);
+/* The plan mode for kohya's gradient_checkpointing flag (LORA_P_GRADIENT_CHECKPOINTING):
+ * on -> UNET_TRAIN_CHECKPOINT (per-block recompute), off -> UNET_TRAIN_SAVE_ALL (kohya's
+ * default: every transformer intermediate kept, no recompute). Same gradients either way. */
+#define unet_train_mode(gradient_checkpointing) \
+    ((gradient_checkpointing) ? UNET_TRAIN_CHECKPOINT : UNET_TRAIN_SAVE_ALL)
 void unet_free(struct unet_model *m);
 
 #define UNET_MAX_SKIPS (1 + SD_MAX_LEVELS * (IMG_MAX_LAYERS + 1))
 #define UNET_MAX_SLOTS (4 * SD_MAX_LEVELS * (IMG_MAX_LAYERS + 1) + 4)
 #define UNET_NTOK 20
+/* im2col scratch cap (floats): SD1.5 at 64x64 needs 35M (960 channels x 9 x 4096), unbanded;
+ * narrower bands measured 20% slower (GEMMs of under ~2k columns) */
+#define UNET_COLS_CAP ((int64_t)48 << 20)
 #define UNET_NSAVED 14                 /* transformer intermediates kept for the backward */
 /* A transformer's forward intermediates the backward reads: recomputed into shared buffers
  * (checkpointing) or kept per transformer from the forward (UNET_TRAIN_SAVE_ALL). */

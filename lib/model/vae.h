@@ -7,7 +7,9 @@
  *   vae_plan_init(&p, &m, batch, h, w)         work buffers for images of h x w, once
  *   vae_encode(&p, image, mean, logvar)        image [batch, 3, h, w] -> [batch, latent, h/f, w/f]
  *   vae_decode(&p, latent, image)              the reverse (latent of the plan's h/f x w/f)
- * f = 2^(levels-1). Every pointer is a buffer of the model's backend. Forward only. */
+ * f = 2^(levels-1). Every pointer is a buffer of the model's backend (the tiled variants at
+ * the end take host buffers). Forward only: kohya never backpropagates through the VAE (it
+ * encodes training images under no_grad), so there is no VAE backward. */
 #ifndef LORA_MODEL_VAE_H
 #define LORA_MODEL_VAE_H
 
@@ -27,16 +29,30 @@ struct img_weights {
     void *stage;
     size_t stage_cap;
     lora_status err;            /* first error */
+    int keep16;                 /* img_m keeps F16/BF16 tensors as they are ... */
+    int borrow16;               /* ... pointing into the tensor map's memory (host backends) */
+    int64_t wmax;               /* largest 16-bit matrix (elements): the plans' widening scratch */
 };
 /* The fp32 copy of tensor `name` (printf format) with `numel` elements: NULL in pass 0 and on
  * error (recorded in w->err). */
 const float *img_w(struct img_weights *w, int64_t numel, const char *fmt, ...);
 
+/* A frozen weight matrix (conv / linear) as the model stores it: fp32, or, for an F16/BF16
+ * checkpoint tensor loaded with keep16, its 16-bit data unchanged (half the memory; widening
+ * is exact). img_f32 gives the fp32 view an op needs right before the op. */
+struct img_mat {
+    const void *p;
+    int32_t dtype;              /* LORA_DTYPE_F32 / F16 / BF16 */
+    int64_t n;
+};
+struct img_mat img_m(struct img_weights *w, int64_t numel, const char *fmt, ...);
+
 /* ResnetBlock2D (pre-norm, GroupNorm+SiLU, 3x3 convs, optional time projection, 1x1
  * conv_shortcut when cin != cout, output scale 1). */
 struct img_resnet {
     int64_t cin, cout, temb;    /* temb: time-embedding width, 0 = none */
-    const float *n1g, *n1b, *c1w, *c1b, *tw, *tb, *n2g, *n2b, *c2w, *c2b, *scw, *scb;
+    const float *n1g, *n1b, *c1b, *tb, *n2g, *n2b, *c2b, *scb;
+    struct img_mat c1w, tw, c2w, scw;   /* scw.p NULL: no conv_shortcut */
 };
 void img_resnet_load(struct img_weights *w, struct img_resnet *r, int64_t cin, int64_t cout,
                      int64_t temb, const char *prefix);
@@ -53,6 +69,8 @@ struct img_ws {
     float *att;
     int64_t att_floats;
     float *vec[4];              /* [batch * vec_floats] each (time embedding and projections) */
+    float *wbuf;                /* fp32 view of the current 16-bit weight (img_f32) */
+    int64_t wbuf_floats;
 };
 struct img_ctx {
     struct lora_backend_impl *be;
@@ -69,6 +87,12 @@ lora_status img_resnet_forward(struct img_ctx *c, const struct img_resnet *r, fl
 lora_status img_conv(struct img_ctx *c, float *y, const float *x, const float *wt, const float *b,
                      int64_t batch, int64_t cin, int64_t h, int64_t w, int64_t cout, int64_t k,
                      int64_t stride, int64_t pad);
+/* *out = the fp32 view of m: m itself, or m widened into ws->wbuf (valid until the next
+ * img_f32 / img_convm of this workspace). */
+lora_status img_f32(struct img_ctx *c, struct img_mat m, const float **out);
+lora_status img_convm(struct img_ctx *c, float *y, const float *x, struct img_mat wt, const float *b,
+                      int64_t batch, int64_t cin, int64_t h, int64_t w, int64_t cout, int64_t k,
+                      int64_t stride, int64_t pad);
 
 /* ---- the VAE ------------------------------------------------------------------------------ */
 struct vae_attn {
@@ -107,13 +131,49 @@ struct vae_plan {
     int64_t batch, h, w;        /* image size; the latent is h/f x w/f */
     struct img_ws ws;
     void *mem;
+    uint64_t bytes;             /* of mem */
+    float *stage;               /* host staging of the tiled calls (first use; vae_plan_free) */
+    int64_t stage_floats;
 };
+/* im2col scratch cap of a plan (floats): convolutions run over bands of output rows */
+#define VAE_COLS_CAP ((int64_t)32 << 20)
 lora_status vae_plan_init(struct vae_plan *p, const struct vae_model *m, int64_t batch, int64_t h,
                           int64_t w);
 void vae_plan_free(struct vae_plan *p);
+uint64_t vae_plan_bytes(const struct vae_plan *p);
+/* What vae_plan_init would allocate for batch x h x w (bytes), without allocating. */
+uint64_t vae_plan_bytes_for(const struct vae_model *m, int64_t batch, int64_t h, int64_t w);
 /* mean, logvar [batch, latent, h/f, w/f]; logvar clamped to [-30, 20]. */
 lora_status vae_encode(struct vae_plan *p, const float *image, float *mean, float *logvar);
 /* image [batch, out_ch(3), h, w] from latent [batch, latent, h/f, w/f] (unscaled). */
 lora_status vae_decode(struct vae_plan *p, const float *latent, float *image);
+
+/* ---- tiled decode / encode (bounded memory for large images) -------------------------------
+ * Not in diffusers 0.10.2 (later diffusers' enable_tiling and A1111's tiled-VAE extensions do
+ * the same kind of thing): the latent (decode) or image (encode) is cut into overlapping
+ * tiles, each tile runs through the plan `p` on its own (so GroupNorm statistics and the
+ * mid-block attention see only that tile: the pixels differ slightly from an untiled run),
+ * and the tile outputs are blended with linear ramps across the overlaps, normalised by the
+ * sum of the weights. Memory is one tile's plan however large the image.
+ *   p          a plan for one tile: p->h x p->w pixels, i.e. p->h/f x p->w/f latents, each
+ *              <= the full size; p->batch = the batch
+ *   overlap    latent rows/columns neighbouring tiles share (0 <= overlap < tile side; the
+ *              last tile of a row/column is moved back to end at the border, overlapping more)
+ *   tin, tout  backend buffers of one tile's input and output (tout: 2 * latent maps for
+ *              encode: mean then logvar, each [batch, latent, th, tw])
+ * latent / image / mean / logvar are HOST buffers of the full size: decode latent [batch,
+ * latent, lh, lw] -> image [batch, 3, lh*f, lw*f]; encode image [batch, 3, H, W] -> mean and
+ * logvar [batch, latent, H/f, W/f] (logvar may be NULL). With one tile covering everything
+ * the result equals vae_decode / vae_encode. The first call allocates a host staging buffer
+ * of about one tile's input and output, kept with the plan. */
+/* The host API (lora_model_vae_decode / _encode) tiles when a latent side exceeds
+ * VAE_TILE_LATENT (SD: 512 pixels; below that the output is exactly diffusers'), with tiles of
+ * that side and VAE_TILE_OVERLAP latents of overlap (the sizes later diffusers uses). */
+#define VAE_TILE_LATENT 64
+#define VAE_TILE_OVERLAP 16
+lora_status vae_decode_tiled(struct vae_plan *p, const float *latent, int64_t lh, int64_t lw,
+                             int64_t overlap, float *tin, float *tout, float *image);
+lora_status vae_encode_tiled(struct vae_plan *p, const float *image, int64_t h, int64_t w,
+                             int64_t overlap, float *tin, float *tout, float *mean, float *logvar);
 
 #endif

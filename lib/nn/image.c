@@ -50,50 +50,93 @@ static lora_status conv_check(struct lora_backend_impl *be, const struct nn_conv
     return LORA_OK;
 }
 
-lora_status nn_conv2d_forward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
-                              float *y, float *cols, const float *x, const float *w,
-                              const float *b) {
+int64_t nn_conv2d_cols_row_floats(const struct nn_conv2d_shape *s) {
+    if (conv_is_gemm(s)) return 0;
+    return s->cin * s->k * s->k * nn_conv2d_ow(s);
+}
+
+/* output rows per im2col chunk for a scratch of cols_floats */
+static lora_status conv_rows(struct lora_backend_impl *be, const struct nn_conv2d_shape *s, int64_t cols_floats,
+                             const char *op, int64_t *rows) {
+    int64_t oh = nn_conv2d_oh(s), per = nn_conv2d_cols_row_floats(s);
+    *rows = oh;
+    if (!per) return LORA_OK;
+    if (cols_floats < per)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "%s: cols scratch of %lld floats, one output row needs %lld", op,
+                         (long long)cols_floats, (long long)per);
+    if (cols_floats / per < oh) *rows = cols_floats / per;
+    return LORA_OK;
+}
+
+lora_status nn_conv2d_forward_ex(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                                 float *y, float *cols, int64_t cols_floats, const float *x,
+                                 const float *w, const float *b) {
     LORA_TRY(conv_check(be, s, cols, "conv2d"));
     NEED(be, im2col_ex_f32, "conv2d");
     NEED(be, add_row_scalar_f32, "conv2d");
-    int64_t oh = nn_conv2d_oh(s), ow = nn_conv2d_ow(s), ohw = oh * ow, hw = s->h * s->w;
+    int64_t oh = nn_conv2d_oh(s), ow = nn_conv2d_ow(s), ohw = oh * ow, hw = s->h * s->w, rows;
     int64_t K = s->cin * s->k * s->k;
+    LORA_TRY(conv_rows(be, s, cols_floats, "conv2d", &rows));
     for (int64_t i = 0; i < s->batch; i++) {
         const float *xi = x + i * s->cin * hw;
         float *yi = y + i * s->cout * ohw;
         if (conv_is_gemm(s)) {
             LORA_TRY(be->iface->gemm_f32(be, 0, 0, s->cout, hw, s->cin, 1.0f, w, s->cin, xi, hw, 0.0f, yi, hw));
-        } else {
-            LORA_TRY(be->iface->im2col_ex_f32(be, xi, s->cin, s->h, s->w, s->k, s->k, s->stride, s->pad_t,
-                                              s->pad_l, oh, ow, cols));
-            LORA_TRY(be->iface->gemm_f32(be, 0, 0, s->cout, ohw, K, 1.0f, w, K, cols, ohw, 0.0f, yi, ohw));
+            continue;
+        }
+        /* output rows r0 .. r0+n-1: im2col of that band (pad_t shifted), GEMM into y's columns */
+        for (int64_t r0 = 0; r0 < oh; r0 += rows) {
+            int64_t n = oh - r0 < rows ? oh - r0 : rows;
+            LORA_TRY(be->iface->im2col_ex_f32(be, xi, s->cin, s->h, s->w, s->k, s->k, s->stride,
+                                              s->pad_t - r0 * s->stride, s->pad_l, n, ow, cols));
+            LORA_TRY(be->iface->gemm_f32(be, 0, 0, s->cout, n * ow, K, 1.0f, w, K, cols, n * ow, 0.0f, yi + r0 * ow,
+                                         ohw));
         }
     }
     if (b && s->batch) LORA_TRY(be->iface->add_row_scalar_f32(be, s->batch * s->cout, ohw, b, s->cout, y));
     return LORA_OK;
 }
 
-lora_status nn_conv2d_backward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
-                               float *dx, float *cols, const float *dy, const float *w,
-                               int accumulate) {
+lora_status nn_conv2d_forward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                              float *y, float *cols, const float *x, const float *w,
+                              const float *b) {
+    return nn_conv2d_forward_ex(be, s, y, cols, s ? nn_conv2d_cols_floats(s) : 0, x, w, b);
+}
+
+lora_status nn_conv2d_backward_ex(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                                  float *dx, float *cols, int64_t cols_floats, const float *dy,
+                                  const float *w, int accumulate) {
     LORA_TRY(conv_check(be, s, cols, "conv2d backward"));
     NEED(be, col2im_f32, "conv2d backward");
     if (!dx) return LORA_OK;
-    int64_t oh = nn_conv2d_oh(s), ow = nn_conv2d_ow(s), ohw = oh * ow, hw = s->h * s->w;
+    int64_t oh = nn_conv2d_oh(s), ow = nn_conv2d_ow(s), ohw = oh * ow, hw = s->h * s->w, rows;
     int64_t K = s->cin * s->k * s->k;
+    LORA_TRY(conv_rows(be, s, cols_floats, "conv2d backward", &rows));
     for (int64_t i = 0; i < s->batch; i++) {
         float *dxi = dx + i * s->cin * hw;
         const float *dyi = dy + i * s->cout * ohw;
         if (conv_is_gemm(s)) {
             LORA_TRY(be->iface->gemm_f32(be, 1, 0, s->cin, hw, s->cout, 1.0f, w, s->cin, dyi, hw,
                                          accumulate ? 1.0f : 0.0f, dxi, hw));
-        } else {
-            LORA_TRY(be->iface->gemm_f32(be, 1, 0, K, ohw, s->cout, 1.0f, w, K, dyi, ohw, 0.0f, cols, ohw));
-            LORA_TRY(be->iface->col2im_f32(be, cols, s->cin, s->h, s->w, s->k, s->k, s->stride, s->pad_t,
-                                           s->pad_l, oh, ow, dxi, accumulate != 0));
+            continue;
+        }
+        /* bands of output rows; bands overlap in input rows, so all but the first add */
+        for (int64_t r0 = 0; r0 < oh; r0 += rows) {
+            int64_t n = oh - r0 < rows ? oh - r0 : rows;
+            LORA_TRY(be->iface->gemm_f32(be, 1, 0, K, n * ow, s->cout, 1.0f, w, K, dyi + r0 * ow, ohw, 0.0f, cols,
+                                         n * ow));
+            LORA_TRY(be->iface->col2im_f32(be, cols, s->cin, s->h, s->w, s->k, s->k, s->stride,
+                                           s->pad_t - r0 * s->stride, s->pad_l, n, ow, dxi,
+                                           r0 > 0 || accumulate != 0));
         }
     }
     return LORA_OK;
+}
+
+lora_status nn_conv2d_backward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                               float *dx, float *cols, const float *dy, const float *w,
+                               int accumulate) {
+    return nn_conv2d_backward_ex(be, s, dx, cols, s ? nn_conv2d_cols_floats(s) : 0, dy, w, accumulate);
 }
 
 /* ---- GroupNorm -------------------------------------------------------------------------------- */

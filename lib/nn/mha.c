@@ -30,7 +30,7 @@ lora_status nn_mha_forward(struct lora_backend_impl *be, float *out, const float
                            const float *k, const float *v, int64_t batch, int64_t tq, int64_t tk,
                            int64_t heads, int64_t d, float scale, float *scratch,
                            int64_t scratch_floats) {
-    int64_t block;
+    int64_t block = 1;
     LORA_TRY(mha_check(be, "attention", batch, tq, tk, heads, d, scratch_floats, 0, &block));
     if (scale <= 0.0f) scale = (float)(1.0 / sqrt((double)d));
     int64_t c = heads * d;
@@ -53,7 +53,7 @@ lora_status nn_mha_backward(struct lora_backend_impl *be, float *dq, float *dk, 
                             const float *dout, const float *q, const float *k, const float *v,
                             int64_t batch, int64_t tq, int64_t tk, int64_t heads, int64_t d,
                             float scale, float *scratch, int64_t scratch_floats) {
-    int64_t block;
+    int64_t block = 1;
     LORA_TRY(mha_check(be, "attention backward", batch, tq, tk, heads, d, scratch_floats, 1, &block));
     if (scale <= 0.0f) scale = (float)(1.0 / sqrt((double)d));
     int64_t c = heads * d;

@@ -151,6 +151,16 @@ lora_status nn_conv2d_forward(struct lora_backend_impl *be, const struct nn_conv
 lora_status nn_conv2d_backward(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
                                float *dx, float *cols, const float *dy, const float *w,
                                int accumulate);
+/* The same with a smaller scratch: cols_floats >= nn_conv2d_cols_row_floats (one output
+ * row's columns); the im2col / col2im then runs over bands of output rows (GEMMs of n*ow
+ * columns), so the scratch need not grow with the image. Same arithmetic per output. */
+int64_t nn_conv2d_cols_row_floats(const struct nn_conv2d_shape *s);
+lora_status nn_conv2d_forward_ex(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                                 float *y, float *cols, int64_t cols_floats, const float *x,
+                                 const float *w, const float *b);
+lora_status nn_conv2d_backward_ex(struct lora_backend_impl *be, const struct nn_conv2d_shape *s,
+                                  float *dx, float *cols, int64_t cols_floats, const float *dy,
+                                  const float *w, int accumulate);
 
 /* GroupNorm (torch.nn.GroupNorm) over x [batch, c, hw], then SiLU when silu != 0 (the
  * norm + act pairs of ResnetBlock2D). mean/rstd [batch*groups] saved; y must not alias x. */
