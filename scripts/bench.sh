@@ -10,8 +10,14 @@
 #        scripts/bench.sh unet [reps] SD1.5-shaped U-Net forward / forward+backward against
 #                                     diffusers on PyTorch CPU (needs tests/reference/.venv)
 #        scripts/bench.sh tokenizer [reps] CLIP tokenizer prompts/s against transformers (+ ftfy)
+#        scripts/bench.sh generate [steps] [size]  lora_generate (CFG step, VAE decode, peak memory,
+#                                     LoRA runtime vs merged) against diffusers' pipeline on PyTorch CPU
 #        scripts/bench.sh ops [all]   LoRA extraction of the 264 SD1.5 modules at dim 64 (exact and
 #                                     randomized SVD) against torch.linalg.svd on PyTorch CPU
+#        scripts/bench.sh train [reps] LoRA training step (SD1.5 shapes, 512x512, cached latents, TE LoRA)
+#                                     with/without gradient checkpointing against PyTorch CPU
+#        scripts/bench.sh merge [MODEL] [RANK] streamed merge of a rank-128 LoRA into an SD1.5-size
+#                                     fp16 model against cat / cp of the same bytes, peak RSS
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
@@ -42,6 +48,31 @@ table() {
     done
     echo "(ratio > 1: liblora faster than the peer on this machine in this run)"
 }
+# train [reps]: seconds per LoRA training step (SD1.5 shapes, 512x512, batch 1, cached latents,
+# text-encoder LoRA on, AdamW) with and without gradient checkpointing, peak memory, against
+# diffusers + transformers + kohya's LoRA math on PyTorch CPU with the same threads
+if [ "${1:-}" = "train" ]; then
+    reps=${2:-1}
+    build_bench bench/bench_train
+    [ -f build-bench/sd15_random.safetensors ] || $py bench/load_peer.py write build-bench
+    machine
+    OMP_NUM_THREADS=$(nproc) build-bench/bench/bench_train "$reps" > "$ours"
+    $py bench/train_peer.py "$reps" "$(nproc)" > "$peer"
+    table 18 "liblora s" "pytorch s" time
+    exit 0
+fi
+# generate [steps] [size]: lora_generate seconds per CFG step, VAE decode, peak memory, LoRA
+# runtime vs merged, against diffusers' StableDiffusionPipeline (SD1.5 shapes, random weights)
+if [ "${1:-}" = "generate" ]; then
+    steps=${2:-3} size=${3:-512}
+    build_bench bench/bench_generate
+    [ -f build-bench/sd15_random.safetensors ] || $py bench/load_peer.py write build-bench
+    machine
+    OMP_NUM_THREADS=$(nproc) build-bench/bench/bench_generate "$steps" "$size" > "$ours"
+    $py bench/generate_peer.py "$steps" "$size" "$(nproc)" > "$peer"
+    table 22 "liblora s" "pytorch s" time
+    exit 0
+fi
 # unet [reps]: SD1.5-shaped U-Net forward and forward+backward (input grads) against diffusers
 if [ "${1:-}" = "unet" ]; then
     reps=${2:-1}
@@ -84,6 +115,18 @@ if [ "${1:-}" = "ops" ]; then
     awk -v le="$le" -v lr="$lr" -v pf="$pf" -v pe="$pe" 'BEGIN {
         printf "ratios: torch full / ours exact %.2fx, torch economy / ours exact %.2fx, torch full / ours randomized %.2fx, ours exact / ours randomized %.2fx\n", pf / le, pe / le, pf / lr, le / lr }'
     echo "(ratio > 1: liblora faster, this machine, this run)"
+    exit 0
+fi
+# merge [MODEL] [RANK]: streamed merge (lora merge --sd_model) of a random rank-128 LoRA into an
+# SD1.5-size fp16 model against cat / cp of the same file, measured by bench_merge in one run
+if [ "${1:-}" = "merge" ]; then
+    build_bench bench/bench_merge
+    model=${2:-build-bench/sd15_random.safetensors}
+    [ -f "$model" ] || $py bench/load_peer.py write build-bench
+    machine ", $(free -g | awk '/Mem:/ {print $2}') GiB"
+    build-bench/bench/bench_merge "$model" build-bench "${3:-128}" > "$ours"
+    grep '^#' "$ours"
+    grep -v '^#' "$ours" | while read -r name v; do printf '%-10s %10s s\n' "$name" "$v"; done
     exit 0
 fi
 if [ "${1:-}" = "load" ]; then

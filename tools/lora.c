@@ -35,6 +35,8 @@ static void usage(FILE *out) {
             "                       svd_merge_lora.py with --new_rank)\n"
             "  extract              extract a LoRA from two models (extract_lora_from_models.py)\n"
             "  resize               change a LoRA's rank by SVD (resize_lora.py)\n"
+            "  train                train a LoRA (train_network.py flags; Ctrl-C saves a resumable state)\n"
+            "  generate             txt2img / img2img with LoRAs (gen_img_diffusers.py flags), PNGs with prompt info\n"
             "  version              print the library version and build features\n"
             "\n"
             "options for every command:\n"
@@ -74,6 +76,13 @@ int main(int argc, char **argv) {
         rc = cmd_extract(ctx, argc - 2, argv + 2);
     } else if (strcmp(argv[1], "resize") == 0) {
         rc = cmd_resize(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "train") == 0) {
+        rc = cmd_train(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "generate") == 0) {
+        int cmd_generate(lora_ctx *c, int n, char **v);   /* cmd_generate.c */
+        rc = cmd_generate(ctx, argc - 2, argv + 2);
+    } else if (strcmp(argv[1], "demo-images") == 0) {   /* hidden: scripts/demo.sh's dataset */
+        rc = cmd_demo_images(ctx, argc - 2, argv + 2);
     } else {
         fprintf(stderr, "lora: unknown command '%s'\n", argv[1]);
         usage(stderr);

@@ -365,6 +365,53 @@ typedef int32_t lora_param_type;
 #define LORA_P_OUTPUT_NAME                   3040 /* string, "" (files "last", "epoch-N") */
 #define LORA_P_SAVE_STATE                    3041 /* int 0/1, 0 */
 #define LORA_P_RESUME                        3042 /* string path, "" */
+/* generation: gen_img_diffusers.py's flags (seed is LORA_P_SEED: -1 = random; clip_skip is
+ * LORA_P_CLIP_SKIP). Since 0.2.0. */
+#define LORA_P_PROMPT                        4001 /* string, "" */
+#define LORA_P_NEGATIVE_PROMPT               4002 /* string, "" (kohya's --n) */
+#define LORA_P_STEPS                         4003 /* int 1..1000, 50 */
+#define LORA_P_SCALE                         4004 /* float 0..1000, 7.5 (CFG; <= 1: no guidance) */
+#define LORA_P_NEGATIVE_SCALE                4005 /* float -1000..1000, 0 = off (kohya's None) */
+#define LORA_P_SAMPLER                       4006 /* string, "ddim" (kohya's 16 names) */
+#define LORA_P_W                             4007 /* int 8..16384, 512 (multiple of 64 for SD) */
+#define LORA_P_H                             4008 /* int 8..16384, 512 */
+#define LORA_P_BATCH_SIZE                    4009 /* int 1..64, 1: images per U-Net batch */
+#define LORA_P_IMAGES_PER_PROMPT             4010 /* int 1..100000, 1 */
+#define LORA_P_ITER_SAME_SEED                4011 /* int 0/1, 0: one random seed for every image */
+#define LORA_P_RNG                           4012 /* string cpu|cuda, "cpu": torch CPU / CUDA noise */
+#define LORA_P_STRENGTH                      4013 /* float 0..1, 0.8: img2img */
+#define LORA_P_IMAGE_PATH                    4014 /* string path, "": img2img init image */
+#define LORA_P_VAE                           4015 /* string path, "": an LDM VAE file replacing the model's */
+#define LORA_P_MAX_EMBEDDINGS_MULTIPLES      4016 /* int 1..64, 1: prompt chunks of 75 tokens */
+#define LORA_P_CLIP_SAMPLE                   4017 /* int 0/1, 0: DDIM clamps x0 (kohya forces 1) */
+#define LORA_P_MODEL_HASH                    4018 /* string, "": "Model hash" in the PNG parameters */
+#define LORA_P_LORA_HASHES                   4019 /* string, "": "Lora hashes" ("name: hash, ...") */
+#define LORA_P_SEEDS                         4020 /* string "s1,s2,...", "": per-image seeds (kohya's --d) */
+/* merge / extract / resize (conv_dim is LORA_P_CONV_DIM, save_precision LORA_P_SAVE_PRECISION).
+ * Since 0.2.0. */
+#define LORA_P_DIM                           5001 /* int 1..4096, 4: extract rank */
+#define LORA_P_CLAMP_QUANTILE                5002 /* float 1e-6..1, 0.99: extract clamp */
+#define LORA_P_MIN_DIFF                      5003 /* float 0..1e6, 0.01: extract, TE unchanged below */
+#define LORA_P_SVD                           5004 /* string exact|randomized|gram, "exact" */
+#define LORA_P_NEW_RANK                      5005 /* int 0..4096, 0: merge (0 = kohya's rule) / resize */
+#define LORA_P_NEW_CONV_RANK                 5006 /* int 0..4096, 0 = new_rank */
+#define LORA_P_DYNAMIC_METHOD                5007 /* string ""|sv_ratio|sv_fro|sv_cumulative, "" = fixed */
+#define LORA_P_DYNAMIC_PARAM                 5008 /* float 0..1e6, 0 */
+#define LORA_P_PRECISION                     5009 /* string float|fp16|bf16, "float": merge precision */
+#define LORA_P_RATIOS                        5010 /* string "r1,r2,...", "" (merge ratios) */
+#define LORA_P_DEVICE                        5011 /* string ""|cpu|cuda, "" = the context's backend */
+/* dataset options (Since 0.2.0) */
+#define LORA_P_CAPTION_DROPOUT_EVERY_N_EPOCHS 3100 /* int 0..1e6, 0 = off */
+#define LORA_P_CAPTION_TAG_DROPOUT_RATE      3101 /* float 0..1, 0 */
+#define LORA_P_CACHE_LATENTS_TO_DISK         3102 /* int 0/1, 0 (cache beside each image) */
+#define LORA_P_BAD_IMAGE                     3103 /* string skip|refuse, "skip": unreadable image or caption */
+#define LORA_P_FACE_CROP_AUG_RANGE           3104 /* string "a,b" (0 < a <= b) or "", "": off (no bucketing only) */
+/* trainer options (Since 0.2.0) */
+#define LORA_P_OPTIMIZER_ARGS                3150 /* string "k=v k=v" (weight_decay, betas=a,b, eps, momentum, dampening), "" */
+#define LORA_P_SAVE_LAST_N_EPOCHS            3151 /* int 0..1e6, 0 = keep every epoch file */
+#define LORA_P_SAVE_N_EPOCH_RATIO            3152 /* int 0..1e6, 0 = off (else save_every_n_epochs = epochs / ratio or 1) */
+#define LORA_P_SAVE_EVERY_N_STEPS            3153 /* int 0..2^31-1, 0 = off ("{name}-step{s:08d}") */
+#define LORA_P_TRAINING_COMMENT              3154 /* string, "" (ss_training_comment) */
 /* save */
 #define LORA_P_SAVE_MODEL_AS                 6001 /* string ckpt|pt|safetensors|diffusers|diffusers_safetensors, "safetensors" */
 #define LORA_P_SAVE_PRECISION                6002 /* string ""|float|fp16|bf16, "" = keep */
@@ -642,7 +689,9 @@ LORA_API lora_status lora_network_create(lora_model *model, const lora_params *o
  * without alpha (before 2023-01-21: alpha = rank). Errors: LORA_E_NOT_FOUND, LORA_E_ST_*,
  * LORA_E_CKPT_*, LORA_E_NO_MATCHING_KEYS (no lora_down tensor), LORA_E_NOT_A_MODEL (a down
  * without its up), LORA_E_SHAPE_MISMATCH (factors that do not chain), LORA_E_NONFINITE_INPUT
- * (NaN/Inf, negative alpha), each naming the key. Since 0.2.0. */
+ * (NaN/Inf, negative alpha), LORA_E_UNSUPPORTED (a LyCORIS LoHa/LoKr/Tucker, DoRA, OFT or
+ * PEFT-style tensor: the message names the first such key and the kind), each naming the key.
+ * Since 0.2.0. */
 LORA_API lora_status lora_network_load(lora_ctx *ctx, const char *path, lora_network **out);
 
 /* Saves in kohya's layout: <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha
@@ -669,8 +718,11 @@ LORA_API lora_status lora_network_metadata_get(const lora_network *net, const ch
 
 /* Which modules of `net` fit `model`: matched (a module of that name with the factors'
  * shapes; a 4-D 1x1 LoRA fits a Linear proj_in/proj_out), unused (no module of that name),
- * shape_mismatch. Any count pointer may be NULL. Offending keys are logged (warning);
- * nothing matched gives LORA_E_NO_MATCHING_KEYS naming the first ones. Since 0.2.0. */
+ * shape_mismatch. Any count pointer may be NULL. Offending keys are logged (warning), with the
+ * likely reason when it is clear (SDXL names such as lora_te1_/lora_unet_input_blocks_; widths
+ * of another model, e.g. SD v1 vs v2); a network whose matching modules all have all-zero
+ * factors is logged as doing nothing. Nothing matched gives LORA_E_NO_MATCHING_KEYS naming
+ * the first ones and the reason. Since 0.2.0. */
 LORA_API lora_status lora_network_coverage(const lora_network *net, const lora_model *model,
                                            int64_t *matched, int64_t *unused,
                                            int64_t *shape_mismatch);
@@ -682,10 +734,75 @@ LORA_API lora_status lora_network_coverage(const lora_network *net, const lora_m
  * multiplier), LORA_E_NOMEM. Since 0.2.0. */
 LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_network *net, double multiplier);
 
+/* ---- several networks applied at run time, swappable without reloading -------------------
+ * lora_model_attach in LORA_APPLY_RUNTIME mode keeps the original of every base weight an
+ * attached network touches and replaces it, in float32, by
+ *     W = original + sum over attached networks i of m_i * alpha_i / rank_i * up_i @ down_i
+ * (1x1 and k x k convs, 2-D or 4-D proj_in/proj_out; the v2 text encoder's q/k/v are separate
+ * weights in memory and land in the packed in_proj_weight when saved). The sum is rebuilt from
+ * the untouched original on every attach, detach and multiplier change, so any sequence of
+ * changes gives the same weights as attaching the final set once (no drift), and detaching
+ * everything restores the original tensors bit for bit. Float32 holds the sum even for a
+ * float16 checkpoint: the result is what kohya's gen_img computes with the LoRA branch in a
+ * float32 forward (y = W x + m * alpha/rank * up(down(x))), up to float32 rounding. The
+ * model's cached float32 runs (encode_prompt, unet_predict, vae_*) are rebuilt on their next
+ * call. Memory: float32 copies of the touched weights, for as long as any network touches
+ * them. lora_model_save writes the weights as they are (attached networks included, touched
+ * weights in float32 unless save_precision says otherwise).
+ * LORA_APPLY_MERGE adds the network to the weights for good, as lora_model_merge_network
+ * (stored in each weight's dtype; for weights runtime networks have replaced, into their
+ * float32 original, which goes back to its dtype when the last of them detaches): it is not
+ * recorded as attached and can only be undone by reloading the model. lora_merge_into_model
+ * and lora_model_cast on a model with runtime attachments act on the originals in the same way
+ * (their result minus the attached deltas becomes the original at the next attach, detach or
+ * set_multiplier call); cast first if touched weights should end up in float32.
+ * Networks and their lifetime: an attached network must belong to the model's context; a
+ * network may be attached to several models. lora_network_free on an attached network is
+ * allowed: the handle becomes invalid for the caller at once, and the network itself is freed
+ * at its last detach or when the last model holding it is freed. Changes to the network's
+ * factors take effect at the next attach/detach/set_multiplier call.
+ * Coverage: each attach logs (LORA_LOG_INFO) the matched / unused / shape-mismatched module
+ * counts, and every module that does not fit (LORA_LOG_WARN), as lora_network_coverage does;
+ * modules that do not fit are skipped. */
+typedef int32_t lora_apply_mode;
+#define LORA_APPLY_RUNTIME 1   /* exact and swappable: float32 copies of the touched weights */
+#define LORA_APPLY_MERGE   2   /* into the weights for good: no extra memory */
+
+/* Attaches `net` to `model` with `multiplier` (kohya's --network_mul; any finite value,
+ * negative too) in `mode` (LORA_APPLY_RUNTIME or LORA_APPLY_MERGE; see above). Errors:
+ * LORA_E_INVALID_ARG (NULL or invalid handles, different contexts, net already attached at
+ * run time to this model), LORA_E_CONFIG_RANGE (non-finite multiplier, unknown mode),
+ * LORA_E_NO_MATCHING_KEYS (no module of the network fits the model: nothing changes; the
+ * message names the first modules and why), LORA_E_UNSUPPORTED (a target weight that is not
+ * F32/F16/BF16), LORA_E_NOMEM (the model is unchanged). Since 0.2.0. */
+LORA_API lora_status lora_model_attach(lora_model *model, lora_network *net, double multiplier,
+                                       lora_apply_mode mode);
+
+/* Changes the multiplier of a network attached at run time (0 keeps it attached but without
+ * effect). Errors: LORA_E_INVALID_ARG (not attached at run time to this model),
+ * LORA_E_CONFIG_RANGE (non-finite), LORA_E_NOMEM (the previous multiplier stays).
+ * Since 0.2.0. */
+LORA_API lora_status lora_model_set_multiplier(lora_model *model, const lora_network *net,
+                                               double multiplier);
+
+/* Detaches a network attached at run time: the weights become those of the remaining
+ * attachments (the originals when none is left). Errors: LORA_E_INVALID_ARG (not attached at
+ * run time to this model; a LORA_APPLY_MERGE merge needs a reload), LORA_E_NOMEM.
+ * Since 0.2.0. */
+LORA_API lora_status lora_model_detach(lora_model *model, const lora_network *net);
+
+/* Detaches every network attached at run time (a no-op when there is none). Merges made with
+ * LORA_APPLY_MERGE stay. Errors: LORA_E_INVALID_ARG, LORA_E_NOMEM. Since 0.2.0. */
+LORA_API lora_status lora_model_detach_all(lora_model *model);
+
+/* Number of networks attached at run time to `model`; -1 for an invalid handle. Since 0.2.0. */
+LORA_API int64_t lora_model_attached_count(const lora_model *model);
+
 /* ======================================================================================
  * Merge, extract, resize: kohya sd-scripts' networks/merge_lora.py, svd_merge_lora.py,
  * extract_lora_from_models.py and resize_lora.py (spec/kohya-lora.md §6, §7). SVDs are LAPACK
- * sgesdd (economy) in float32 on the CPU. Progress: LORA_PHASE_MERGE (merge, resize) and
+ * sgesdd (economy) in float32 on the CPU (extraction: also LORA_SVD_RANDOMIZED, LORA_SVD_GRAM,
+ * and cuSOLVER on the CUDA backend, see lora_extract_ex). Progress: LORA_PHASE_MERGE (merge, resize) and
  * LORA_PHASE_EXTRACT, one step per network or module; a progress callback returning non-zero
  * or lora_ctx_cancel() stops the call with LORA_E_CANCELLED.
  * ====================================================================================== */
@@ -731,9 +848,16 @@ LORA_API lora_status lora_merge_networks(lora_ctx *ctx, const lora_network *cons
  * LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.2.0. */
 typedef int32_t lora_svd_method;
 #define LORA_SVD_EXACT      0   /* LAPACK sgesdd, economy: the factors kohya's script gets */
-#define LORA_SVD_RANDOMIZED 1   /* Halko-Martinsson-Tropp range finder (oversampling 10, 2 power
-                                 * iterations, seeded per module; exact when rank + 10 >=
-                                 * min(in, out)): several times faster, slightly larger error */
+#define LORA_SVD_RANDOMIZED 1   /* randomized block Krylov range finder (blocks of rank + 4
+                                 * columns, 2 power steps, every block kept, seeded per module;
+                                 * exact when 3 (rank + 4) >= min(in, out)): several times
+                                 * faster, reconstruction error within ~1% of exact */
+#define LORA_SVD_GRAM       2   /* top-rank eigenpairs of the smaller Gram matrix in float64
+                                 * (dsyrk + dsyevr; sgesdd when sigma_r < 1e-5 sigma_0): about 10x
+                                 * faster than EXACT on SD shapes, products within ~2e-5 of it
+                                 * before the clamp; singular-vector signs differ from LAPACK's,
+                                 * so the quantile clamp (not sign-invariant) can differ from
+                                 * kohya's by a few percent on skewed modules. Since 0.2.0. */
 LORA_API lora_status lora_extract(const lora_model *base, const lora_model *tuned, int32_t dim,
                                   int32_t conv_dim, double clamp_quantile, double min_diff,
                                   lora_svd_method svd_method, lora_network **out);
@@ -754,10 +878,54 @@ LORA_API lora_status lora_network_resize(const lora_network *net, int32_t new_ra
                                          lora_resize_method dynamic_method, double dynamic_param,
                                          lora_network **out);
 
+/* merge_lora.py --sd_model, file to file and streamed: loads `model_path` (.safetensors or
+ * .ckpt, memory-mapped; as lora_model_load with `opts`), then writes `out_path` tensor by
+ * tensor: each tensor is read from the mapping, cast to the merge precision (text encoder and
+ * U-Net), given the deltas of nets[0..n) in order (ratios[i] * alpha/rank * up @ down, float32,
+ * stored in the precision after each network), cast to save_precision and written, so memory
+ * stays near the input's mapping plus one tensor. The output equals lora_model_load +
+ * lora_model_cast(precision) + lora_merge_into_model + lora_model_save(save_precision) byte for
+ * byte. `.ckpt`/`.pt` outputs are torch zips (whose writer needs every record at once: the
+ * changed tensors are held in memory until the end); any other name gets a .safetensors file
+ * (no metadata, as lora_model_save). A v2 diffusers folder input is merged in memory and saved
+ * (the LDM writer makes up OpenCLIP's tensors the folder lacks from the merged text encoder).
+ * `ratios` NULL: the `ratios` key ("r1,r2,...", n values).
+ * Options (`opts` may be NULL): v2, v_parameterization (load), precision (float|fp16|bf16,
+ * default float), save_precision ("" keeps each tensor's dtype after the precision cast).
+ * Networks must belong to `ctx`; out_path must differ from model_path. Atomic: a failure or a
+ * cancel (progress LORA_PHASE_LOAD, then LORA_PHASE_MERGE per output tensor) leaves no output
+ * and no temp file. Errors: as lora_model_load and lora_merge_into_model, LORA_E_IO,
+ * LORA_E_NOSPACE, LORA_E_DEST_BUSY, LORA_E_CONFIG_RANGE (ratios, a diffusers save_model_as),
+ * LORA_E_CANCELLED. Not thread-safe on one context. Since 0.2.0. */
+LORA_API lora_status lora_merge_file(lora_ctx *ctx, const char *model_path, const lora_network *const *nets,
+                                     const double *ratios, int64_t n, const char *out_path,
+                                     const lora_params *opts);
+
+/* lora_merge_networks with new_rank / new_conv_rank read from `opts` (NULL: 0, kohya's rule)
+ * and, when `ratios` is NULL, the ratios from the `ratios` key. Since 0.2.0. */
+LORA_API lora_status lora_merge_networks_ex(lora_ctx *ctx, const lora_network *const *nets,
+                                            const double *ratios, int64_t n, const lora_params *opts,
+                                            lora_network **out);
+
+/* lora_extract with its options from `opts` (NULL: defaults): dim (4), conv_dim (0),
+ * clamp_quantile (0.99), min_diff (0.01), svd (exact|randomized), device ("" = the context's
+ * backend, cpu, cuda). With device cuda, or a context on LORA_BACKEND_CUDA, the exact SVDs run
+ * in cuSOLVER (gesvdj, float32) on the context's device; when none is usable (or CUDA is not
+ * compiled in) a warning is logged and the CPU is used. Errors: as lora_extract. Since 0.2.0. */
+LORA_API lora_status lora_extract_ex(const lora_model *base, const lora_model *tuned,
+                                     const lora_params *opts, lora_network **out);
+
+/* lora_network_resize with new_rank, dynamic_method ("" fixed, sv_ratio, sv_fro,
+ * sv_cumulative) and dynamic_param from `opts` (new_rank must be set: >= 1). Since 0.2.0. */
+LORA_API lora_status lora_network_resize_ex(const lora_network *net, const lora_params *opts,
+                                            lora_network **out);
+
 /* ======================================================================================
  * U-Net and VAE for hosts: noise prediction and latent encode/decode on caller buffers, so a
  * host (a WebUI extension, a sampler) can run its own sampling loop on the model. Each call
- * builds, on first use, a float32 copy of the network on the context's backend and keeps it
+ * builds, on first use, a float32 copy of the network on the context's backend (the U-Net's
+ * F16/BF16 weight matrices stay 16-bit and are widened per layer; on the CPU they are read in
+ * place from the loaded checkpoint) and keeps it
  * with the model, together with work buffers planned for the call's shape; a call with a new
  * shape replans (the old plan is freed first), a call with the same shape allocates nothing.
  * lora_model_free releases them. All arrays are float32, row-major, host memory.
@@ -787,7 +955,10 @@ LORA_API lora_status lora_model_unet_predict(lora_model *model, const float *lat
  * (NULL: not wanted), each [n, latent_channels (4), height / 8, width / 8] and `cap` floats
  * long. The latents are unscaled: kohya's training (and diffusers' pipelines) use
  * 0.18215 * (mean + exp(logvar / 2) * noise) (a sample; mean alone for a deterministic
- * latent) as the U-Net's input. Errors: LORA_E_INVALID_ARG (image or mean_out NULL),
+ * latent) as the U-Net's input. Images with a side above 512 pixels (64 latents) are encoded
+ * in overlapping 512-pixel tiles blended over 16 latents (bounded memory; the result differs
+ * slightly from an untiled encode, whose GroupNorm statistics span the whole image); up to
+ * 512 the output is exactly diffusers'. Errors: LORA_E_INVALID_ARG (image or mean_out NULL),
  * LORA_E_CONFIG_RANGE (sizes), LORA_E_LIMIT (cap too small), LORA_E_NONFINITE_INPUT,
  * LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0. */
 LORA_API lora_status lora_model_vae_encode(lora_model *model, const float *image, int64_t n,
@@ -797,12 +968,164 @@ LORA_API lora_status lora_model_vae_encode(lora_model *model, const float *image
 /* Decodes `n` unscaled latents `latent` [n, latent_channels (4), height, width] (height,
  * width in latent pixels; divide a sampler's latent by 0.18215 first) into images [n, 3,
  * 8 * height, 8 * width] (SD's factor 8) written to `image_out` (`cap` floats), values about
- * [-1, 1] (not clamped: (x + 1) * 127.5, clamped to 0..255, gives pixels). Errors:
- * LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_LIMIT, LORA_E_NONFINITE_INPUT, LORA_E_NOMEM,
- * LORA_E_CANCELLED. Since 0.2.0. */
+ * [-1, 1] (not clamped: (x + 1) * 127.5, clamped to 0..255, gives pixels). A latent side
+ * above 64 is decoded in overlapping 64-latent tiles blended over 128 pixels, as later
+ * diffusers' enable_tiling does (a 768x768 image needs about 1.2 GiB of work memory instead
+ * of 2.5 GiB; pixels differ slightly from an untiled decode); up to 64 the output is exactly
+ * diffusers'. Errors: LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE, LORA_E_LIMIT,
+ * LORA_E_NONFINITE_INPUT, LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0. */
 LORA_API lora_status lora_model_vae_decode(lora_model *model, const float *latent, int64_t n,
                                            int64_t height, int64_t width, float *image_out,
                                            uint64_t cap);
+
+/* ======================================================================================
+ * Generation: kohya-ss gen_img_diffusers.py's txt2img and img2img (spec/kohya-lora.md §8) on
+ * the model as it stands (with the networks lora_model_attach attached or merged), computed
+ * as diffusers 0.10.2's StableDiffusionPipeline / Img2ImgPipeline do in float32 on the
+ * context's backend. Options (`opts` may be NULL: defaults):
+ *   prompt, negative_prompt (A1111/kohya emphasis syntax, max_embeddings_multiples chunks of
+ *   75 tokens), steps, scale (classifier-free guidance; <= 1 turns it off), negative_scale
+ *   (kohya: e = e_empty + scale (e_cond - e_empty) - negative_scale (e_neg - e_empty); 0 =
+ *   off), sampler (ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver,
+ *   dpmsolver++, dpmsingle and the k_ aliases: the diffusers scheduler kohya maps each to,
+ *   with SD's scheduler config: steps_offset 1, set_alpha_to_one off; clip_sample 1 clamps
+ *   DDIM's x0 to [-1, 1], the setting kohya's script asks for and its pipeline resets), W, H (multiples of 64 for SD: 8 for the VAE times the
+ *   U-Net's 2^3), clip_skip, seed (-1: random), seeds ("s1,s2": per image, repeated as
+ *   kohya's --d), iter_same_seed, rng (cpu: torch.randn of a torch.manual_seed(seed) CPU
+ *   generator per image; cuda: torch's CUDA Philox noise as A1111 reproduces it),
+ *   images_per_prompt and batch_size (lora_generate_batch), image_path and strength (img2img:
+ *   the image's size is used, resized down to multiples of 64 when it is not one), model_hash
+ *   and lora_hashes (written into the PNG text), vae (kohya's --vae: a .safetensors/.ckpt VAE
+ *   with LDM names, e.g. vae-ft-mse-840000, for the img2img encode and the decode). Seeds:
+ *   with seed S and one image, S; with n images, kohya's random.seed(S) + n x
+ *   random.randint(0, 2^31 - 1). Noise per image in kohya's order: the
+ *   initial latent, then the sampler's per-step noises. The model's cached float32 U-Net/VAE
+ *   runs (lora_model_unet_predict, lora_model_vae_*) are released by a generation call; its
+ *   own float32 copies live for the call only.
+ * Progress: LORA_PHASE_SAMPLE_STEP (one per U-Net call, over every batch) and
+ * LORA_PHASE_DECODE (one per image); a callback returning non-zero or lora_ctx_cancel stops
+ * the call with LORA_E_CANCELLED (no images are returned). Images belong to the model's
+ * context (same thread rules) and keep it alive. Errors: LORA_E_INVALID_ARG,
+ * LORA_E_CONFIG_RANGE (sizes, sampler, strength), LORA_E_CAPTION_ENCODING, LORA_E_UNSUPPORTED
+ * (inpainting U-Nets), LORA_E_NOT_A_MODEL / LORA_E_SHAPE_MISMATCH (vae),
+ * LORA_E_IMG_* (image_path), LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0.
+ * ====================================================================================== */
+typedef struct lora_image lora_image;
+
+/* One image (images_per_prompt is ignored). *out is NULL on failure. Since 0.2.0. */
+LORA_API lora_status lora_generate(lora_model *model, const lora_params *opts, lora_image **out);
+/* images_per_prompt images, batch_size at a time, into out[0..cap) (*n_out set; on failure
+ * none). Errors as lora_generate plus LORA_E_LIMIT (cap < images_per_prompt). Since 0.2.0. */
+LORA_API lora_status lora_generate_batch(lora_model *model, const lora_params *opts, lora_image **out,
+                                         int64_t cap, int64_t *n_out);
+/* Width, height, channels (3: RGB), pixels (row-major RGB8, borrowed until lora_image_free),
+ * the seed used. 0 / NULL for an invalid image. Since 0.2.0. */
+LORA_API uint32_t lora_image_width(const lora_image *img);
+LORA_API uint32_t lora_image_height(const lora_image *img);
+LORA_API uint32_t lora_image_channels(const lora_image *img);
+LORA_API const uint8_t *lora_image_data(const lora_image *img);
+LORA_API uint64_t lora_image_seed(const lora_image *img);
+/* The text the PNG will carry under `key` (borrowed; NULL if none): "parameters" (A1111's
+ * infotext: prompt, "Negative prompt: ...", "Steps: N, Sampler: S, CFG scale: X, Seed: N,
+ * Size: WxH, Model hash: H, ..., Lora hashes: \"...\"") and kohya's "prompt", "seed",
+ * "sampler", "steps", "scale", "negative-prompt", "negative-scale". Since 0.2.0. */
+LORA_API const char *lora_image_text(const lora_image *img, const char *key);
+/* Writes a PNG (libpng, atomic) with those text chunks (tEXt, or iTXt for text beyond
+ * Latin-1). `opts` is reserved (NULL). Errors: LORA_E_IO, LORA_E_NOSPACE, LORA_E_DEST_BUSY,
+ * LORA_E_INVALID_ARG. Since 0.2.0. */
+LORA_API lora_status lora_image_save_png(const lora_image *img, const char *path, const lora_params *opts);
+/* Frees an image. NULL is a no-op. Since 0.2.0. */
+LORA_API void lora_image_free(lora_image *img);
+
+/* ======================================================================================
+ * Training: kohya-ss train_network.py as a library call (spec/kohya-lora.md §1.7-1.8, §4.4,
+ * §5, §9). A trainer trains `net` (made by lora_network_create on the same model; its
+ * down/up weights are updated in place) on the DreamBooth dataset named by the options, on
+ * the CPU backend, in float32. Per micro-step it draws, from one torch-compatible CPU
+ * generator seeded with `seed` (as torch.manual_seed), the VAE posterior sample (without
+ * cache_latents), the noise, the noise_offset noise and the timesteps, in kohya's order.
+ * Gradient accumulation follows accelerate 0.15 (loss / G, a sync every G-th micro-step of
+ * an epoch and at its end, the LR scheduler stepped every micro-step). noise_offset adds
+ * offset x N(0,1) per sample and channel; min_snr_gamma weights each sample's loss by
+ * min(snr, gamma) / snr (kohya's later apply_snr_weight; v-prediction: / (snr + 1)). The
+ * optimizer step clips the global norm (max_grad_norm) and applies optimizer_type (AdamW,
+ * AdamW8bit, SGDNesterov, Lion; optimizer_args) with text_encoder_lr / unet_lr (else
+ * learning_rate) under lr_scheduler. mixed_precision fp16/bf16 rounds the frozen U-Net and
+ * VAE weights to that dtype as kohya casts them (the text encoder stays float32; activations
+ * and the arithmetic stay float32: autocast's half-precision activations are not emulated);
+ * fp16 adds torch GradScaler's dynamic loss scale (65536, x2 per 2000 good steps, x0.5 and a
+ * skipped step, counted in LORA_STAT_SKIPPED_STEPS, on an inf/NaN loss or gradient). Steps
+ * and epochs as kohya (max_train_epochs overrides max_train_steps = epochs x batches per
+ * epoch). With output_dir set, files are
+ * named as kohya names them: "{output_name|epoch}-{e:06d}.{save_model_as}" every
+ * save_every_n_epochs (or save_n_epoch_ratio) epochs before the last, older ones removed by
+ * save_last_n_epochs, "{output_name|epoch}-step{s:08d}" every save_every_n_steps, and the
+ * final "{output_name|last}.{ext}"; .safetensors files carry kohya's ss_* metadata (values as
+ * Python str() writes them; no_metadata: the minimum set) and sshs_model_hash /
+ * sshs_legacy_hash; save_precision casts every tensor. With save_state, a resumable state
+ * "{name}-{e:06d}-state.safetensors" goes beside each epoch file and "{output_name|last}-
+ * state.safetensors" at the end. Every save is atomic. Progress: LORA_PHASE_CACHE_LATENTS,
+ * LORA_PHASE_TRAIN_STEP after each optimizer step (done = step, total = max steps, value =
+ * the step's loss); cancelling stops between optimizer steps, so the trainer can then be
+ * saved (lora_trainer_save_state) and resumed exactly. The model and the network must outlive
+ * the trainer and must not be used by other calls while it runs. gradient_checkpointing
+ * picks the U-Net's per-block recompute (less memory, same gradients); max_token_length
+ * 150/225 encodes 2/3 chunks of 77 and re-joins them as kohya's get_hidden_states. Not yet:
+ * conv_dim LoRA training, DAdaptation/AdaFactor, full_fp16.
+ * ====================================================================================== */
+typedef struct lora_trainer lora_trainer;
+
+typedef int32_t lora_train_stat;
+#define LORA_STAT_STEP              1   /* optimizer steps taken */
+#define LORA_STAT_EPOCH             2   /* current epoch, 1-based */
+#define LORA_STAT_LAST_LOSS         3   /* loss of the last micro-step (NaN before the first) */
+#define LORA_STAT_AVG_LOSS          4   /* kohya's running average over the epoch's positions */
+#define LORA_STAT_LR                5   /* U-Net group learning rate of the last step */
+#define LORA_STAT_GRAD_NORM         6   /* total gradient norm before clipping, last step */
+#define LORA_STAT_SKIPPED_STEPS     7   /* fp16 steps skipped for inf/NaN gradients */
+#define LORA_STAT_IMAGES_PER_S      8   /* images per second over the last optimizer step */
+#define LORA_STAT_MAX_STEPS         9   /* max_train_steps after max_train_epochs */
+#define LORA_STAT_EPOCHS            10  /* number of epochs the run takes */
+#define LORA_STAT_BATCHES_PER_EPOCH 11  /* len(dataloader) */
+#define LORA_STAT_LR_TEXT_ENCODER   12  /* text encoder group learning rate of the last step */
+#define LORA_STAT_LOSS_SCALE        13  /* current fp16 loss scale (1 without fp16) */
+
+/* Creates a trainer for `net` on `model` with the training options of `opts` (NULL:
+ * defaults; the 3000 and 6000 keys, train_data_dir required): opens the dataset, caches
+ * latents (cache_latents), loads network_weights into `net` (kohya's strict=False load; a
+ * shape mismatch is LORA_E_SHAPE_MISMATCH), and with `resume` set loads that state file.
+ * Errors: LORA_E_INVALID_ARG, LORA_E_CONFIG_RANGE (an option out of range or combination
+ * kohya refuses), LORA_E_UNSUPPORTED (see above), dataset errors (LORA_E_IMG_*,
+ * LORA_E_CAPTION_*, LORA_E_NOT_FOUND), LORA_E_RESUME_MISMATCH, LORA_E_NOMEM,
+ * LORA_E_CANCELLED. Free with lora_trainer_free. Since 0.2.0. */
+LORA_API lora_status lora_trainer_create(lora_model *model, lora_network *net, const lora_params *opts,
+                                         lora_trainer **out);
+/* Takes up to `n_steps` optimizer steps (fewer at max_train_steps; 0 does nothing), saving
+ * epoch files on the way. *steps_done (may be NULL) gets the steps taken, also on failure or
+ * cancel. Errors: LORA_E_NAN_LOSS (a non-finite loss without fp16 loss scaling),
+ * LORA_E_CANCELLED, dataset and I/O errors, LORA_E_NOMEM. Since 0.2.0. */
+LORA_API lora_status lora_trainer_step(lora_trainer *tr, int64_t n_steps, int64_t *steps_done);
+/* Trains to max_train_steps, then writes the final file (and state with save_state) when
+ * output_dir is set. Calling it again after completion only saves again. Since 0.2.0. */
+LORA_API lora_status lora_trainer_run(lora_trainer *tr);
+/* Stats (LORA_STAT_*); get_int truncates. Errors: LORA_E_INVALID_ARG, LORA_E_UNKNOWN_KEY.
+ * Thread rules as every call on the context. Since 0.2.0. */
+LORA_API lora_status lora_trainer_get_int(const lora_trainer *tr, lora_train_stat key, int64_t *out);
+LORA_API lora_status lora_trainer_get_float(const lora_trainer *tr, lora_train_stat key, double *out);
+/* Writes the resumable state (network, optimizer state incl. 8-bit state, scheduler position,
+ * loss scaler, generator, step/epoch/batch, the run's configuration) to `path`
+ * (.safetensors, atomic). Since 0.2.0. */
+LORA_API lora_status lora_trainer_save_state(const lora_trainer *tr, const char *path);
+/* Loads a state saved by a run with the same configuration: the run then continues exactly
+ * as the saved one would have (same batches, noise, timesteps, losses on the CPU). Errors:
+ * LORA_E_RESUME_MISMATCH (another configuration: the message names the first difference),
+ * LORA_E_NOT_A_MODEL (not a state file), LORA_E_ST_*, LORA_E_NOT_FOUND. Since 0.2.0. */
+LORA_API lora_status lora_trainer_load_state(lora_trainer *tr, const char *path);
+/* Saves the network now with the run's metadata, as the epoch saves do (the extension picks
+ * safetensors or a torch pickle). Since 0.2.0. */
+LORA_API lora_status lora_trainer_save_network(lora_trainer *tr, const char *path);
+/* Frees the trainer (not the model or network). NULL is a no-op. Since 0.2.0. */
+LORA_API void lora_trainer_free(lora_trainer *tr);
 
 #ifdef __cplusplus
 }

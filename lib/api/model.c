@@ -143,6 +143,7 @@ LORA_API lora_status lora_model_load(lora_ctx *ctx, const char *path, const lora
 LORA_API void lora_model_free(lora_model *model) {
     if (!model_valid(model)) return;
     lora_ctx *ctx = model->ctx;
+    attach_release(model);   /* lib/network/attach.c: originals back, attached networks released */
     model_release_files(model);
     model->magic = 0;
     lora_free(ctx, model);
@@ -419,7 +420,9 @@ static lora_status unet_predict(lora_model *model, const float *latent, int64_t 
     if (!model->unet_run) {
         struct model_unet_run *r = lora_calloc(ctx, 1, sizeof *r);
         if (!r) return LORA_E_NOMEM;
-        lora_status s = unet_init(&r->m, be, &model->sd.unet, cfg);
+        /* borrows 16-bit matrices from the loaded checkpoint: runs are dropped whenever the
+         * weights change (model_drop_image_runs) */
+        lora_status s = unet_init_ex(&r->m, be, &model->sd.unet, cfg, UNET_BORROW_16BIT);
         if (s != LORA_OK) {
             lora_free(ctx, r);
             return s;
@@ -520,6 +523,13 @@ static lora_status vae_encode_host(lora_model *model, const float *image, int64_
         return lora_fail(ctx, LORA_E_LIMIT, "vae_encode: the latent needs %lld floats, the buffers hold %llu",
                          (long long)n_lat, (unsigned long long)cap);
     LORA_TRY(check_finite(ctx, "vae_encode: image", image, n_img));
+    if (h / f > VAE_TILE_LATENT || w / f > VAE_TILE_LATENT) {
+        /* large images: overlapping tiles of VAE_TILE_LATENT latents, plan sized for one */
+        int64_t th = h / f < VAE_TILE_LATENT ? h : VAE_TILE_LATENT * f, tw = w / f < VAE_TILE_LATENT ? w : VAE_TILE_LATENT * f;
+        LORA_TRY(vae_ready(model, n, th, tw, "vae_encode"));
+        struct model_vae_run *r = model->vae_run;
+        return vae_encode_tiled(&r->p, image, h, w, VAE_TILE_OVERLAP, r->img, r->mean, mean_out, logvar_out);
+    }
     LORA_TRY(vae_ready(model, n, h, w, "vae_encode"));
     struct model_vae_run *r = model->vae_run;
     struct lora_backend_impl *be = ctx->backend;
@@ -555,6 +565,12 @@ static lora_status vae_decode_host(lora_model *model, const float *latent, int64
         return lora_fail(ctx, LORA_E_LIMIT, "vae_decode: the image needs %lld floats, the buffer holds %llu",
                          (long long)n_img, (unsigned long long)cap);
     LORA_TRY(check_finite(ctx, "vae_decode: latent", latent, n_lat));
+    if (h > VAE_TILE_LATENT || w > VAE_TILE_LATENT) {
+        int64_t th = h < VAE_TILE_LATENT ? h : VAE_TILE_LATENT, tw = w < VAE_TILE_LATENT ? w : VAE_TILE_LATENT;
+        LORA_TRY(vae_ready(model, n, th * f, tw * f, "vae_decode"));
+        struct model_vae_run *r = model->vae_run;
+        return vae_decode_tiled(&r->p, latent, h, w, VAE_TILE_OVERLAP, r->mean, r->img, image_out);
+    }
     LORA_TRY(vae_ready(model, n, h * f, w * f, "vae_decode"));
     struct model_vae_run *r = model->vae_run;
     struct lora_backend_impl *be = ctx->backend;
