@@ -372,6 +372,9 @@ static lora_status cpu_layernorm_backward_f32(struct lora_backend_impl *be, int6
  * ulp), times 2^n; below -87.3 (n < -126, where expf turns subnormal) an integer mask makes
  * it 0, as it does for NaN (the row max would be NaN too, and the row then NaN). */
 static inline float softmax_exp(float x) {
+    /* -inf, NaN and huge negatives would overflow the float->int conversion below (UB): clamp
+     * them to -100, which the mask turns into 0 as before. */
+    x = x > -100.0f ? x : -100.0f;
     float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
     float p = 1.9875691500e-4f;

@@ -438,6 +438,15 @@ lora_status gen_prompt_encode_ex(struct lora_model *model, const char *prompt, c
         gen_prompt_pad(ids[k], w[k], n[k], m, pad_id, padded, wpos + k * T);
         gen_prompt_chunk_ids(padded, m, pad_id, chunk_ids + k * T);
     }
+    /* A test-size text encoder with fewer than CLIP's 49408 tokens (the tiny demo/test
+     * models): ids are folded into its vocabulary, as the trainer does, so a LoRA trained on
+     * such a model sees the same conditioning here. */
+    const int64_t vocab = model->te_run->vocab;
+    if (s == LORA_OK && vocab > 0 && vocab < 49408) {
+        lora_log(ctx, LORA_LOG_WARN, "prompt: the text encoder has %lld tokens, fewer than CLIP's 49408; "
+                 "token ids are taken modulo %lld (a test-size model)", (long long)vocab, (long long)vocab);
+        for (int64_t i = 0; i < n_text * T; i++) chunk_ids[i] = (int32_t)(chunk_ids[i] % vocab);
+    }
     /* every chunk of both prompts is its own sequence: one batch of n_text * m */
     struct clip_plan plan;
     memset(&plan, 0, sizeof plan);
