@@ -56,7 +56,7 @@ int main(int argc, char **argv) {
     memset(&clip, 0, sizeof clip);
     memset(&unet, 0, sizeof unet);
     if (clip_init(&clip, ctx->backend, &model->sd.te, &model->sd.cfg) != LORA_OK ||
-        unet_init(&unet, ctx->backend, &model->sd.unet, &model->sd.cfg) != LORA_OK) {
+        unet_init_ex(&unet, ctx->backend, &model->sd.unet, &model->sd.cfg, UNET_BORROW_16BIT) != LORA_OK) {   /* as the trainer */
         fprintf(stderr, "bench_train: models: %s\n", lora_errmsg(ctx));
         return 1;
     }

@@ -1068,7 +1068,9 @@ LORA_API void lora_image_free(lora_image *img);
  * LORA_PHASE_TRAIN_STEP after each optimizer step (done = step, total = max steps, value =
  * the step's loss); cancelling stops between optimizer steps, so the trainer can then be
  * saved (lora_trainer_save_state) and resumed exactly. The model and the network must outlive
- * the trainer and must not be used by other calls while it runs. gradient_checkpointing
+ * the trainer and must not be used by other calls while it runs; without mixed_precision the
+ * trainer reads the model's 16-bit U-Net weights in place, so the model's weights must not be
+ * changed (lora_model_cast, lora_model_merge_network, lora_merge_into_model) while it exists. gradient_checkpointing
  * picks the U-Net's per-block recompute (less memory, same gradients); max_token_length
  * 150/225 encodes 2/3 chunks of 77 and re-joins them as kohya's get_hidden_states. Not yet:
  * conv_dim LoRA training, DAdaptation/AdaFactor, full_fp16.

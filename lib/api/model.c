@@ -288,21 +288,7 @@ static lora_status encode_prompt(lora_model *model, const char *prompt, const lo
     if (clip_skip > cfg->te_layers)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE, "clip_skip: %d is more than the text encoder's %d layers", clip_skip,
                          cfg->te_layers);
-    if (cfg->te_heads <= 0)
-        return lora_fail(ctx, LORA_E_UNSUPPORTED, "encode_prompt: the text encoder's head count is unknown (LDM files do "
-                         "not store it and SD's rule, width/64, does not fit width %d)", cfg->te_hidden);
-    if (!model->tokenizer)
-        LORA_TRY(tok_create(ctx, cfg->version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &model->tokenizer));
-    if (!model->te_run) {
-        struct clip_model *cm = lora_calloc(ctx, 1, sizeof *cm);
-        if (!cm) return LORA_E_NOMEM;
-        lora_status s = clip_init(cm, ctx->backend, &model->sd.te, cfg);
-        if (s != LORA_OK) {
-            lora_free(ctx, cm);
-            return s;
-        }
-        model->te_run = cm;
-    }
+    LORA_TRY(model_text_encoder_ready(model, "encode_prompt"));
     int64_t n_ids = n_chunks * 77;
     int32_t *ids = lora_malloc(ctx, (size_t)n_ids * sizeof *ids);
     float *enc = lora_malloc(ctx, (size_t)(n_ids * C) * sizeof *enc);

@@ -389,20 +389,7 @@ lora_status gen_prompt_encode_ex(struct lora_model *model, const char *prompt, c
     if (o.min_chunks < 0 || o.min_chunks > M)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE, "gen_prompt_encode: min_chunks %d is outside 0..%d", (int)o.min_chunks,
                          (int)M);
-    if (cfg->te_heads <= 0)
-        return lora_fail(ctx, LORA_E_UNSUPPORTED, "gen_prompt_encode: the text encoder's head count is unknown (LDM "
-                         "files do not store it and SD's rule, width/64, does not fit width %d)", cfg->te_hidden);
-    LORA_TRY(ensure_encoder(model));
-    if (!model->te_run) {
-        struct clip_model *cm = lora_calloc(ctx, 1, sizeof *cm);
-        if (!cm) return LORA_E_NOMEM;
-        lora_status s = clip_init(cm, ctx->backend, &model->sd.te, cfg);
-        if (s != LORA_OK) {
-            lora_free(ctx, cm);
-            return s;
-        }
-        model->te_run = cm;
-    }
+    LORA_TRY(model_text_encoder_ready(model, "gen_prompt_encode"));
     int32_t pad_id = model->tokenizer->pad_id;
     const char *text[2] = {prompt, negative};
     int n_text = negative ? 2 : 1;

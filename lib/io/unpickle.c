@@ -1029,8 +1029,8 @@ static lora_status step(struct vm *v, int *done) {
         *done = 1;
         return LORA_OK;
     case 'c': { /* GLOBAL */
-        const uint8_t *m, *nm;
-        size_t ml, nl;
+        const uint8_t *m = NULL, *nm = NULL;   /* set by read_line on success; -O3 cannot see it */
+        size_t ml = 0, nl = 0;
         LORA_TRY(read_line(v, &m, &ml, "GLOBAL module"));
         LORA_TRY(read_line(v, &nm, &nl, "GLOBAL name"));
         return resolve_global(v, m, ml, nm, nl);

@@ -1,6 +1,9 @@
 #include <string.h>
 
 #include "model/sd_model.h"
+#include "model/clip.h"
+#include "model/tokenizer.h"
+#include "backend/backend.h"
 
 void sd_model_init(struct sd_model *m, lora_ctx *ctx) {
     memset(m, 0, sizeof *m);
@@ -19,4 +22,25 @@ void sd_model_clear(struct sd_model *m) {
     tmap_clear(&m->extra);
     memset(&m->cfg, 0, sizeof m->cfg);
     m->ctx = ctx;
+}
+
+lora_status model_text_encoder_ready(struct lora_model *m, const char *who) {
+    lora_ctx *ctx = m->ctx;
+    const struct sd_config *cfg = &m->sd.cfg;
+    if (cfg->te_heads <= 0)
+        return lora_fail(ctx, LORA_E_UNSUPPORTED, "%s: the text encoder's head count is unknown (LDM files do not "
+                         "store it and SD's rule, width/64, does not fit width %d)", who, cfg->te_hidden);
+    if (!m->tokenizer)
+        LORA_TRY(tok_create(ctx, cfg->version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &m->tokenizer));
+    if (!m->te_run) {
+        struct clip_model *cm = lora_calloc(ctx, 1, sizeof *cm);
+        if (!cm) return LORA_E_NOMEM;
+        lora_status s = clip_init(cm, ctx->backend, &m->sd.te, cfg);
+        if (s != LORA_OK) {
+            lora_free(ctx, cm);
+            return s;
+        }
+        m->te_run = cm;
+    }
+    return LORA_OK;
 }

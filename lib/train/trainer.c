@@ -364,7 +364,9 @@ static lora_status setup(struct lora_trainer *tr, const struct trainer_source *s
         tmap_clear(&half);
         LORA_TRY(s);
     } else {
-        LORA_TRY(unet_init(&tr->unet, be, &tr->model->sd.unet, cfg));
+        /* 16-bit checkpoint matrices are read in place (widened per GEMM) instead of copied:
+         * the model outlives the trainer and its weights stay put while it exists (lora.h). */
+        LORA_TRY(unet_init_ex(&tr->unet, be, &tr->model->sd.unet, cfg, UNET_BORROW_16BIT));
     }
     tr->have_unet = 1;
     LORA_TRY(tok_create(ctx, cfg->version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &tr->tok));

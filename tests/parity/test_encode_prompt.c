@@ -12,24 +12,10 @@
 #include "model/sd_model.h"
 #include "../test.h"
 #include "../ref_file.h"
+#include "../tiny_vocab.h"
 
 static lora_ctx *ctx;
 
-static void widen_vocab(lora_model *m) {
-    struct tensor_map *te = &m->sd.te;
-    int64_t i = tmap_find(te, "text_model.embeddings.token_embedding.weight");
-    CHECK(i >= 0);
-    if (i < 0) return;
-    int64_t C = m->sd.cfg.te_hidden, V = 49408;
-    float *e = lora_malloc(ctx, (size_t)(V * C) * sizeof *e);
-    for (int64_t r = 0; r < V; r++)
-        for (int64_t c = 0; c < C; c++) e[r * C + c] = (float)(((r * 31 + c * 17) % 97) - 48) / 64.0f;
-    tmap_remove(te, i);
-    int64_t shape[2] = {V, C};
-    CHECK_STATUS(tmap_add(te, "text_model.embeddings.token_embedding.weight", LORA_DTYPE_F32, 2, shape, e,
-                          (uint64_t)(V * C) * 4, 0, 1), LORA_OK);
-    m->sd.cfg.te_vocab = (int32_t)V;
-}
 
 
 int main(void) {
@@ -50,7 +36,7 @@ int main(void) {
     for (int v = 1; v <= 2; v++) {
         snprintf(path, sizeof path, "%s/sd/v%d_diffusers", data, v);
         CHECK_STATUS(lora_model_load(ctx, path, NULL, &models[v]), LORA_OK);
-        if (models[v]) widen_vocab(models[v]);
+        if (models[v]) tiny_widen_vocab(ctx, models[v]);
     }
     size_t k;
     json_t *c;

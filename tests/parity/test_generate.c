@@ -19,25 +19,10 @@
 #include "model/sd_model.h"
 #include "../test.h"
 #include "../ref_file.h"
+#include "../tiny_vocab.h"
 
 static lora_ctx *ctx;
 
-static void widen_vocab(lora_model *m) {
-    struct tensor_map *te = &m->sd.te;
-    int64_t i = tmap_find(te, "text_model.embeddings.token_embedding.weight");
-    CHECK(i >= 0);
-    if (i < 0) return;
-    int64_t C = m->sd.cfg.te_hidden, V = 49408;
-    float *e = lora_malloc(ctx, (size_t)(V * C) * sizeof *e);
-    for (int64_t r = 0; r < V; r++)
-        for (int64_t c = 0; c < C; c++) e[r * C + c] = (float)(((r * 31 + c * 17) % 97) - 48) / 64.0f;
-    tmap_remove(te, i);
-    int64_t shape[2] = {V, C};
-    CHECK_STATUS(tmap_add(te, "text_model.embeddings.token_embedding.weight", LORA_DTYPE_F32, 2, shape, e,
-                          (uint64_t)(V * C) * 4, 0, 1), LORA_OK);
-    m->sd.cfg.te_vocab = (int32_t)V;
-    model_drop_runs(m);
-}
 
 struct capture {
     const struct lora_file *ref;
@@ -132,7 +117,7 @@ static void run_version(const char *data, int v) {
         st_close(ref);
         return;
     }
-    widen_vocab(model);
+    tiny_widen_vocab(ctx, model);
     snprintf(path, sizeof path, "%s/network/v%d_kohya.safetensors", data, v);
     lora_network *net = NULL;
     CHECK_STATUS(lora_network_load(ctx, path, &net), LORA_OK);
@@ -325,7 +310,7 @@ static void run_vae_override(const char *data) {
     lora_model *model = NULL;
     CHECK_STATUS(lora_model_load(ctx, path, NULL, &model), LORA_OK);
     if (!model) return;
-    widen_vocab(model);
+    tiny_widen_vocab(ctx, model);
     struct tensor_map ldm, vae;
     tmap_init(&ldm, ctx);
     tmap_init(&vae, ctx);
@@ -398,7 +383,7 @@ static void run_img2img(const char *data) {
         st_close(ref);
         return;
     }
-    widen_vocab(model);
+    tiny_widen_vocab(ctx, model);
     char img_path[4096];
     snprintf(img_path, sizeof img_path, "%s/gen/init_v1.png", data);
     struct img_rgb8 init;
