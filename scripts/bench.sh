@@ -32,7 +32,16 @@ build_bench() {
     ninja -C build-bench "$@" >/dev/null
 }
 
-machine() { echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores$*"; }
+machine() {
+    echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores$*"
+    # Which OpenBLAS kernels run: OPENBLAS_CORETYPE overrides the library's own CPU detection
+    # (e.g. Haswell = AVX2 on an AVX-512 CPU, about half the sgemm rate), so say both.
+    core='import ctypes,sys; l=ctypes.CDLL(sys.argv[1]); l.openblas_get_corename.restype=ctypes.c_char_p; print(l.openblas_get_corename().decode())'
+    lib=$(ls /usr/lib/*/openblas-openmp/libopenblas.so.0 2>/dev/null | head -n 1)
+    if [ -n "$lib" ]; then
+        echo "openblas kernels: $(python3 -c "$core" "$lib" 2>/dev/null || echo '?') (OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset}; detected without it: $(env -u OPENBLAS_CORETYPE python3 -c "$core" "$lib" 2>/dev/null || echo '?'))"
+    fi
+}
 
 # table WIDTH OURS_LABEL PEER_LABEL time|rate: both sides' "# ..." lines, then one row per case
 # of $ours ("name value ...") with the peer's value for the same name and the ratio, always
