@@ -266,7 +266,7 @@ lora_status gen_run(struct lora_model *model, const struct gen_job *job, uint8_t
     /* ---- U-Net ---- */
     if (s == LORA_OK) {
         model_drop_image_runs(model);
-        s = unet_init(&r.um, r.be, &model->sd.unet, cfg);
+        s = unet_init_ex(&r.um, r.be, &model->sd.unet, cfg, UNET_BORROW_16BIT);   /* 16-bit weights read in place */
         r.unet_ok = s == LORA_OK;
     }
     if (s == LORA_OK) {
