@@ -68,6 +68,31 @@ def lib():
             "lora_tokenizer_create": (i32, [c_p, i32, ctypes.POINTER(c_p)]),
             "lora_tokenizer_free": (None, [c_p]),
             "lora_tokenizer_encode": (i32, [c_p, ctypes.c_char_p, i32, ctypes.POINTER(i32), sz, ctypes.POINTER(sz)]),
+            "lora_network_create": (i32, [c_p, c_p, ctypes.POINTER(c_p)]),
+            "lora_network_load": (i32, [c_p, ctypes.c_char_p, ctypes.POINTER(c_p)]),
+            "lora_network_save": (i32, [c_p, ctypes.c_char_p, c_p]),
+            "lora_network_free": (None, [c_p]),
+            "lora_network_get_int": (i32, [c_p, i32, ctypes.POINTER(i64)]),
+            "lora_model_attach": (i32, [c_p, c_p, ctypes.c_double, i32]),
+            "lora_model_set_multiplier": (i32, [c_p, c_p, ctypes.c_double]),
+            "lora_model_detach": (i32, [c_p, c_p]),
+            "lora_model_attached_count": (i64, [c_p]),
+            "lora_trainer_create": (i32, [c_p, c_p, c_p, ctypes.POINTER(c_p)]),
+            "lora_trainer_step": (i32, [c_p, i64, ctypes.POINTER(i64)]),
+            "lora_trainer_run": (i32, [c_p]),
+            "lora_trainer_get_int": (i32, [c_p, i32, ctypes.POINTER(i64)]),
+            "lora_trainer_get_float": (i32, [c_p, i32, ctypes.POINTER(ctypes.c_double)]),
+            "lora_trainer_save_state": (i32, [c_p, ctypes.c_char_p]),
+            "lora_trainer_load_state": (i32, [c_p, ctypes.c_char_p]),
+            "lora_trainer_save_network": (i32, [c_p, ctypes.c_char_p]),
+            "lora_trainer_free": (None, [c_p]),
+            "lora_generate": (i32, [c_p, c_p, ctypes.POINTER(c_p)]),
+            "lora_image_width": (u32, [c_p]), "lora_image_height": (u32, [c_p]),
+            "lora_image_channels": (u32, [c_p]), "lora_image_data": (ctypes.POINTER(ctypes.c_uint8), [c_p]),
+            "lora_image_seed": (u64, [c_p]),
+            "lora_image_text": (ctypes.c_char_p, [c_p, ctypes.c_char_p]),
+            "lora_image_save_png": (i32, [c_p, ctypes.c_char_p, c_p]),
+            "lora_image_free": (None, [c_p]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(L, name)
@@ -137,6 +162,10 @@ class Context(_Handle):
 
     def tokenizer(self, v2=False):
         return Tokenizer(self, v2)
+
+    def load_network(self, path):
+        """A kohya LoRA file (.safetensors / .pt / .ckpt)."""
+        return Network(self, path=path)
 
 
 class Params(_Handle):
@@ -246,6 +275,137 @@ class Model(_Handle):
         self._ctx._check(lib().lora_model_encode_prompt(self._h, prompt.encode(), params._h, buf, t.value * w.value,
                                                          None, None))
         return [list(buf[r * w.value:(r + 1) * w.value]) for r in range(t.value)]
+
+
+    def attach(self, network, multiplier=1.0, merge=False):
+        """Applies a Network at run time (swappable: set_multiplier / detach) or, merge=True,
+        into the weights for good. The network must stay open while attached."""
+        self._ctx._check(lib().lora_model_attach(self._h, network._h, float(multiplier), 2 if merge else 1))
+
+    def set_multiplier(self, network, multiplier):
+        self._ctx._check(lib().lora_model_set_multiplier(self._h, network._h, float(multiplier)))
+
+    def detach(self, network):
+        self._ctx._check(lib().lora_model_detach(self._h, network._h))
+
+    def attached_count(self):
+        return lib().lora_model_attached_count(self._h)
+
+    def create_network(self, **options):
+        """A new kohya LoRA for this model (network_dim, network_alpha, conv_dim ...)."""
+        return Network(self._ctx, model=self, **options)
+
+    def generate(self, prompt, **options):
+        """txt2img / img2img (kohya's gen_img_diffusers options: steps, scale, sampler, W, H,
+        seed, negative_prompt, image_path, strength ...) -> Image."""
+        params = Params(self._ctx, prompt=prompt, **options)
+        h = ctypes.c_void_p()
+        self._ctx._check(lib().lora_generate(self._h, params._h, ctypes.byref(h)))
+        return Image(self._ctx, h)
+
+    def trainer(self, network, **options):
+        """A kohya train_network.py run of `network` on this model; options are kohya's flags
+        (train_data_dir, output_dir, max_train_steps, learning_rate, ...)."""
+        return Trainer(self._ctx, self, network, **options)
+
+
+NETWORK_FACTS = {"rank": 1, "modules": 3, "te_modules": 4, "unet_modules": 5, "conv3x3_modules": 6, "conv_rank": 7,
+                 "params": 9}
+
+
+class Network(_Handle):
+    """A LoRA network: loaded from a kohya file (path=...) or created for a model (model=...)."""
+    _free_fn = "lora_network_free"
+
+    def __init__(self, ctx, path=None, model=None, **options):
+        self._ctx = ctx
+        self._h = None
+        h = ctypes.c_void_p()
+        if path is not None:
+            ctx._check(lib().lora_network_load(ctx._h, os.fsencode(path), ctypes.byref(h)))
+        else:
+            params = Params(ctx, **options)
+            ctx._check(lib().lora_network_create(model._h, params._h, ctypes.byref(h)))
+        self._h = h
+
+    def __getitem__(self, fact):
+        out = ctypes.c_int64()
+        self._ctx._check(lib().lora_network_get_int(self._h, NETWORK_FACTS[fact], ctypes.byref(out)))
+        return out.value
+
+    def save(self, path, **options):
+        params = Params(self._ctx, **options)
+        self._ctx._check(lib().lora_network_save(self._h, os.fsencode(path), params._h))
+
+
+TRAIN_STATS = {"step": 1, "epoch": 2, "last_loss": 3, "avg_loss": 4, "lr": 5, "grad_norm": 6,
+               "skipped_steps": 7, "images_per_s": 8, "max_steps": 9, "epochs": 10,
+               "batches_per_epoch": 11, "lr_text_encoder": 12, "loss_scale": 13}
+_FLOAT_STATS = {"last_loss", "avg_loss", "lr", "grad_norm", "images_per_s", "lr_text_encoder", "loss_scale"}
+
+
+class Trainer(_Handle):
+    _free_fn = "lora_trainer_free"
+
+    def __init__(self, ctx, model, network, **options):
+        self._ctx = ctx
+        self._h = None
+        self._keep = (model, network)   # the library needs both alive while the trainer exists
+        params = Params(ctx, **options)
+        h = ctypes.c_void_p()
+        ctx._check(lib().lora_trainer_create(model._h, network._h, params._h, ctypes.byref(h)))
+        self._h = h
+
+    def step(self, n=1):
+        """Runs up to n optimizer steps; returns how many ran."""
+        done = ctypes.c_int64()
+        self._ctx._check(lib().lora_trainer_step(self._h, n, ctypes.byref(done)))
+        return done.value
+
+    def run(self):
+        self._ctx._check(lib().lora_trainer_run(self._h))
+
+    def __getitem__(self, stat):
+        if stat in _FLOAT_STATS:
+            out = ctypes.c_double()
+            self._ctx._check(lib().lora_trainer_get_float(self._h, TRAIN_STATS[stat], ctypes.byref(out)))
+        else:
+            out = ctypes.c_int64()
+            self._ctx._check(lib().lora_trainer_get_int(self._h, TRAIN_STATS[stat], ctypes.byref(out)))
+        return out.value
+
+    def save_state(self, path):
+        self._ctx._check(lib().lora_trainer_save_state(self._h, os.fsencode(path)))
+
+    def load_state(self, path):
+        self._ctx._check(lib().lora_trainer_load_state(self._h, os.fsencode(path)))
+
+    def save_network(self, path):
+        self._ctx._check(lib().lora_trainer_save_network(self._h, os.fsencode(path)))
+
+
+class Image(_Handle):
+    """A generated RGB8 image: width, height, seed, pixels() (bytes, row-major RGB), text(key),
+    save_png(path)."""
+    _free_fn = "lora_image_free"
+
+    def __init__(self, ctx, h):
+        self._ctx = ctx
+        self._h = h
+        self.width = lib().lora_image_width(h)
+        self.height = lib().lora_image_height(h)
+        self.seed = lib().lora_image_seed(h)
+
+    def pixels(self):
+        n = self.width * self.height * lib().lora_image_channels(self._h)
+        return ctypes.string_at(lib().lora_image_data(self._h), n)
+
+    def text(self, key):
+        v = lib().lora_image_text(self._h, key.encode())
+        return v.decode() if v is not None else None
+
+    def save_png(self, path):
+        self._ctx._check(lib().lora_image_save_png(self._h, os.fsencode(path), None))
 
 
 class Tokenizer(_Handle):
