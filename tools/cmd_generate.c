@@ -17,7 +17,6 @@
 
 #include "cli.h"
 
-int cmd_generate(lora_ctx *ctx, int argc, char **argv);   /* tools/lora.c dispatches here */
 
 #define MAX_NETS 16
 
@@ -209,25 +208,6 @@ static void usage(void) {
             "            --nl NEGSCALE|none --t STRENGTH --am MUL[,MUL]\n");
 }
 
-/* mkdir -p: every missing component of `path`; 0 or -1 with errno. */
-static int mkdir_parents(const char *path) {
-    char buf[4096];
-    size_t n = strlen(path);
-    if (n == 0 || n >= sizeof buf) { errno = ENAMETOOLONG; return -1; }
-    memcpy(buf, path, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] != '/' && buf[i] != '\0') continue;
-        char c = buf[i];
-        buf[i] = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST) return -1;
-        buf[i] = c;
-    }
-    struct stat st;
-    if (stat(path, &st) != 0) return -1;
-    if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; return -1; }
-    return 0;
-}
-
 int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
     const char *ckpt = NULL, *outdir = "outputs", *prompt = NULL, *from_file = NULL, *negative = NULL;
     const char *sampler = "ddim", *rng = "cpu", *image_path = NULL, *vae = NULL;
@@ -309,7 +289,7 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
         file_text = strdup(prompt);
         lines[n_lines++] = file_text;
     }
-    if (mkdir_parents(outdir) != 0) {   /* os.makedirs(outdir, exist_ok=True) as kohya */
+    if (cli_mkdirs(outdir) != 0) {   /* os.makedirs(outdir, exist_ok=True) as kohya */
         fprintf(stderr, "lora generate: cannot create %s: %s\n", outdir, strerror(errno));
         free(file_text);
         return 1;

@@ -230,13 +230,7 @@ int cmd_train(lora_ctx *ctx, int argc, char **argv) {
             snprintf(state, sizeof state, "%s/%s-step%08lld-state.safetensors", out_dir, out_name[0] ? out_name : "last",
                      (long long)at);
             /* kohya makes it (with parents) on the first save; maybe none happened yet */
-            for (char *q = out_dir + 1; *q; q++)
-                if (*q == '/') {
-                    *q = 0;
-                    mkdir(out_dir, 0777);
-                    *q = '/';
-                }
-            mkdir(out_dir, 0777);
+            cli_mkdirs(out_dir);   /* a failure shows in the save below */
             lora_status ss = lora_trainer_save_state(tr, state);
             if (ss == LORA_OK)
                 fprintf(stderr, "lora train: interrupted at step %lld; state saved to %s\n"

@@ -31,19 +31,6 @@ static int write_png(const char *path, const uint8_t *rgb, int w, int h) {
     return fclose(f) == 0 ? 0 : -1;
 }
 
-/* mkdir -p */
-static void make_dirs(const char *path) {
-    char b[4096];
-    snprintf(b, sizeof b, "%s", path);
-    for (char *p = b + 1; *p; p++)
-        if (*p == '/') {
-            *p = 0;
-            mkdir(b, 0777);
-            *p = '/';
-        }
-    mkdir(b, 0777);
-}
-
 int cmd_demo_images(lora_ctx *ctx, int argc, char **argv) {
     (void)ctx;
     const char *dir = NULL;
@@ -64,7 +51,7 @@ int cmd_demo_images(lora_ctx *ctx, int argc, char **argv) {
     }
     char sub[4096], path[4200];
     snprintf(sub, sizeof sub, "%s/%d_shapes", dir, repeats);
-    make_dirs(sub);
+    cli_mkdirs(sub);
     static const struct { const char *name; uint8_t r, g, b; } colours[] = {
         {"red", 220, 30, 30}, {"blue", 30, 60, 220}, {"green", 30, 170, 50}};
     uint8_t *img = malloc((size_t)size * size * 3);

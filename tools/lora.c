@@ -1,9 +1,11 @@
 /* `lora`: the command-line face of liblora, with kohya's flag names. Uses only the public
  * header. Output for people goes to stdout; logs and progress go to stderr. */
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <lora/lora.h>
 
@@ -19,6 +21,30 @@ int cli_fail(lora_ctx *ctx, lora_status s, const char *what) {
     fprintf(stderr, "lora: %s failed: %s (%s)\n", what, lora_errmsg(ctx)[0] ? lora_errmsg(ctx) : lora_status_string(s),
             lora_status_name(s));
     return 1;
+}
+
+int cli_mkdirs(const char *path) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) {
+        errno = n ? ENAMETOOLONG : ENOENT;
+        return -1;
+    }
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != '\0') continue;
+        char c = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST) return -1;
+        buf[i] = c;
+    }
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    if (!S_ISDIR(st.st_mode)) {
+        errno = ENOTDIR;
+        return -1;
+    }
+    return 0;
 }
 
 static void usage(FILE *out) {
@@ -79,7 +105,6 @@ int main(int argc, char **argv) {
     } else if (strcmp(argv[1], "train") == 0) {
         rc = cmd_train(ctx, argc - 2, argv + 2);
     } else if (strcmp(argv[1], "generate") == 0) {
-        int cmd_generate(lora_ctx *c, int n, char **v);   /* cmd_generate.c */
         rc = cmd_generate(ctx, argc - 2, argv + 2);
     } else if (strcmp(argv[1], "demo-images") == 0) {   /* hidden: scripts/demo.sh's dataset */
         rc = cmd_demo_images(ctx, argc - 2, argv + 2);

@@ -206,14 +206,6 @@ lora_status gen_prompt_parse(lora_ctx *ctx, const char *text, struct gen_prompt_
 
 /* ---- tokens and weights (get_prompts_with_weights + BREAK) ----------------------------- */
 
-static lora_status ensure_encoder(struct lora_model *model) {
-    lora_ctx *ctx = model->ctx;
-    const struct sd_config *cfg = &model->sd.cfg;
-    if (!model->tokenizer)
-        LORA_TRY(tok_create(ctx, cfg->version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &model->tokenizer));
-    return LORA_OK;
-}
-
 struct tokbuf {
     int32_t *ids;
     float *w;
@@ -239,7 +231,7 @@ lora_status gen_prompt_tokens(struct lora_model *model, const char *prompt, int6
     *weights = NULL;
     *n = 0;
     *truncated = 0;
-    LORA_TRY(ensure_encoder(model));
+    LORA_TRY(model_tokenizer_ready(model));
     lora_tokenizer *tok = model->tokenizer;
     struct gen_prompt_chunks c;
     lora_status s = gen_prompt_parse(ctx, prompt, &c);
@@ -425,15 +417,12 @@ lora_status gen_prompt_encode_ex(struct lora_model *model, const char *prompt, c
         gen_prompt_pad(ids[k], w[k], n[k], m, pad_id, padded, wpos + k * T);
         gen_prompt_chunk_ids(padded, m, pad_id, chunk_ids + k * T);
     }
-    /* A test-size text encoder with fewer than CLIP's 49408 tokens (the tiny demo/test
-     * models): ids are folded into its vocabulary, as the trainer does, so a LoRA trained on
-     * such a model sees the same conditioning here. */
-    const int64_t vocab = model->te_run->vocab;
-    if (s == LORA_OK && vocab > 0 && vocab < 49408) {
+    /* a test-size text encoder: ids folded as the trainer folds them, so a LoRA trained on such
+     * a model sees the same conditioning here */
+    if (s == LORA_OK && clip_fold_ids(model->te_run, chunk_ids, n_text * T))
         lora_log(ctx, LORA_LOG_WARN, "prompt: the text encoder has %lld tokens, fewer than CLIP's 49408; "
-                 "token ids are taken modulo %lld (a test-size model)", (long long)vocab, (long long)vocab);
-        for (int64_t i = 0; i < n_text * T; i++) chunk_ids[i] = (int32_t)(chunk_ids[i] % vocab);
-    }
+                 "token ids are taken modulo %lld (a test-size model)", (long long)model->te_run->vocab,
+                 (long long)model->te_run->vocab);
     /* every chunk of both prompts is its own sequence: one batch of n_text * m */
     struct clip_plan plan;
     memset(&plan, 0, sizeof plan);

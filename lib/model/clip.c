@@ -499,3 +499,9 @@ void clip_rejoin_chunks_backward(float *d_enc, const float *d_out, int64_t batch
         memcpy(e + (n_chunks * chunk - 1) * c, o + (len - 1) * c, row);
     }
 }
+
+int clip_fold_ids(const struct clip_model *m, int32_t *ids, int64_t n) {
+    if (m->vocab <= 0 || m->vocab >= 49408) return 0;
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)(ids[i] % m->vocab);
+    return 1;
+}

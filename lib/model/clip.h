@@ -58,6 +58,10 @@ struct clip_model {
  * with its exact shape; errors name the tensor. On failure *m is left empty (clip_free ok). */
 lora_status clip_init(struct clip_model *m, struct lora_backend_impl *be,
                       const struct tensor_map *te, const struct sd_config *cfg);
+/* CLIP's tokenizer emits ids below 49408; a test-size encoder (the tiny fixtures, 256 tokens)
+ * has fewer rows. Folds ids into m->vocab (id % vocab) so such models can be trained and
+ * prompted alike; returns 1 when it folded (callers warn once), 0 for a full-size encoder. */
+int clip_fold_ids(const struct clip_model *m, int32_t *ids, int64_t n);
 void clip_free(struct clip_model *m);
 
 /* Saved activations of one layer. */

@@ -24,14 +24,19 @@ void sd_model_clear(struct sd_model *m) {
     m->ctx = ctx;
 }
 
+lora_status model_tokenizer_ready(struct lora_model *m) {
+    if (!m->tokenizer)
+        LORA_TRY(tok_create(m->ctx, m->sd.cfg.version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &m->tokenizer));
+    return LORA_OK;
+}
+
 lora_status model_text_encoder_ready(struct lora_model *m, const char *who) {
     lora_ctx *ctx = m->ctx;
     const struct sd_config *cfg = &m->sd.cfg;
     if (cfg->te_heads <= 0)
         return lora_fail(ctx, LORA_E_UNSUPPORTED, "%s: the text encoder's head count is unknown (LDM files do not "
                          "store it and SD's rule, width/64, does not fit width %d)", who, cfg->te_hidden);
-    if (!m->tokenizer)
-        LORA_TRY(tok_create(ctx, cfg->version == 2 ? LORA_TOKENIZER_SD2 : LORA_TOKENIZER_SD1, &m->tokenizer));
+    LORA_TRY(model_tokenizer_ready(m));
     if (!m->te_run) {
         struct clip_model *cm = lora_calloc(ctx, 1, sizeof *cm);
         if (!cm) return LORA_E_NOMEM;

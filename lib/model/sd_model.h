@@ -73,6 +73,8 @@ void model_drop_runs(struct lora_model *m);
  * tensors go back into the maps and the networks are released. NULL attach: no-op. */
 void attach_release(struct lora_model *m);
 
+/* Makes m->tokenizer (the model's SD1/SD2 CLIP tokenizer) on first use. */
+lora_status model_tokenizer_ready(struct lora_model *m);
 /* Makes m->tokenizer and m->te_run (the fp32 text encoder) on first use; LORA_E_UNSUPPORTED
  * (message starting with `who`) when the encoder's head count is unknown. */
 lora_status model_text_encoder_ready(struct lora_model *m, const char *who);

@@ -224,33 +224,35 @@ static lora_status vae_encode_sample(struct lora_trainer *tr, const float *pixel
         if (tr->have_vp) {
             vae_plan_free(&tr->vp);
             be->iface->buf_free(be, tr->vae_io);
+            lora_free(ctx, tr->vae_host);
             tr->vae_io = NULL;
+            tr->vae_host = NULL;
             tr->have_vp = 0;
         }
         LORA_TRY(vae_plan_init(&tr->vp, &tr->vae, n, h, w));
         void *io = NULL;
         lora_status s = be->iface->buf_alloc(be, (size_t)(ni + 2 * nl) * sizeof(float), &io);
+        /* the host side of mean/logvar, made once per shape: nothing allocates per step */
+        float *host = s == LORA_OK ? lora_malloc(ctx, (size_t)(2 * nl) * sizeof(float)) : NULL;
+        if (s == LORA_OK && !host) s = LORA_E_NOMEM;
         if (s != LORA_OK) {
+            if (io) be->iface->buf_free(be, io);
             vae_plan_free(&tr->vp);
             return s;
         }
         tr->vae_io = io;
+        tr->vae_host = host;
         tr->have_vp = 1;
     }
     float *img = tr->vae_io, *mean = img + ni, *logvar = mean + nl;
     LORA_TRY(be->iface->upload(be, img, pixels, (size_t)ni * sizeof(float)));
     LORA_TRY(vae_encode(&tr->vp, img, mean, logvar));
-    float *m = lora_malloc(ctx, (size_t)(2 * nl) * sizeof(float));
-    if (!m) return LORA_E_NOMEM;
-    float *lv = m + nl;
-    lora_status s = be->iface->download(be, m, mean, (size_t)nl * sizeof(float));
-    if (s == LORA_OK) s = be->iface->download(be, lv, logvar, (size_t)nl * sizeof(float));
-    if (s == LORA_OK) {
-        lora_torch_randn(&tr->rng, latents, nl);
-        for (int64_t i = 0; i < nl; i++) latents[i] = m[i] + expf(0.5f * lv[i]) * latents[i];
-    }
-    lora_free(ctx, m);
-    return s;
+    float *m = tr->vae_host, *lv = m + nl;
+    LORA_TRY(be->iface->download(be, m, mean, (size_t)nl * sizeof(float)));
+    LORA_TRY(be->iface->download(be, lv, logvar, (size_t)nl * sizeof(float)));
+    lora_torch_randn(&tr->rng, latents, nl);
+    for (int64_t i = 0; i < nl; i++) latents[i] = m[i] + expf(0.5f * lv[i]) * latents[i];
+    return LORA_OK;
 }
 
 static lora_status cache_encode(void *user, const float *pixels, int32_t n, int32_t h, int32_t w, float *latents) {
@@ -477,6 +479,7 @@ void trainer_free(struct lora_trainer *tr) {
     if (tr->have_vp) {
         vae_plan_free(&tr->vp);
         be->iface->buf_free(be, tr->vae_io);
+        lora_free(ctx, tr->vae_host);
     }
     if (tr->have_vae) vae_free(&tr->vae);
     if (tr->have_unet) unet_free(&tr->unet);
@@ -806,10 +809,7 @@ static lora_status micro_step(struct lora_trainer *tr, int sync, double *loss_ou
         if ((int64_t)got != nid)
             return lora_fail(ctx, LORA_E_INTERNAL, "training: the tokenizer gave %zu ids, %lld expected", got, (long long)nid);
     }
-    /* a test-size text encoder with a small vocabulary: ids folded into it (setup warned) */
-    const int64_t vocab = tr->clip.vocab;
-    if (vocab > 0 && vocab < 49408)
-        for (int64_t i = 0; i < nid * B; i++) tr->ids[i] = (int32_t)(tr->ids[i] % vocab);
+    clip_fold_ids(&tr->clip, tr->ids, nid * B);   /* a test-size encoder (setup warned) */
     /* torch.randn_like(latents); noise_offset * torch.randn((B, C, 1, 1)); torch.randint(0, 1000, (B,)) */
     lora_torch_randn(&tr->rng, tr->noise, nl);
     if (tr->c.noise_offset > 0) {

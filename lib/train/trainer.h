@@ -62,6 +62,7 @@ struct lora_trainer {
     struct vae_plan vp;                 /* VAE plan for the last image shape */
     int32_t have_vp;
     float *vae_io;                      /* backend buffer: image, mean, logvar */
+    float *vae_host;                    /* host copy of mean, logvar (sized with the plan) */
     lora_tokenizer *tok;
     struct train_state st;
     struct train_opts topts;
