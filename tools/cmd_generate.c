@@ -1,7 +1,9 @@
 /* `lora generate`: kohya-ss gen_img_diffusers.py's txt2img / img2img with LoRA networks
  * (--network_module/--network_weights/--network_mul, --network_merge), kohya's flag names,
  * --prompt or --from_file lines with their inline " --" options, kohya's seeds and file names,
- * PNGs with A1111's "parameters" and kohya's text chunks, a progress bar on stderr. */
+ * PNGs with A1111's "parameters" and kohya's text chunks (or JPEG/WebP with "parameters" as
+ * A1111's EXIF UserComment: --output_format), A1111's "Model hash" (first 10 hex of the
+ * checkpoint's SHA-256) and "Lora hashes", a progress bar on stderr. */
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>
@@ -201,7 +203,9 @@ static void usage(void) {
             "         [--v2] [--v_parameterization] [--rng cpu|cuda] [--clip_sample]\n"
             "         [--image_path IMG --strength 0.8] [--sequential_file_name]\n"
             "         [--network_module networks.lora ...] [--network_weights F ...] [--network_mul M ...]\n"
-            "         [--network_merge]\n"
+            "         [--network_merge] [--output_format png|jpg|webp] [--jpeg_quality 80] [--webp_lossless]\n"
+            "         [--no_model_hash]\n"
+            "  --W/--H: multiples of 8 (--image_path: the image's size, rounded down to multiples of 32)\n"
             "  samplers: ddim pndm lms euler euler_a heun dpm_2 dpm_2_a dpmsolver dpmsolver++ dpmsingle\n"
             "            k_lms k_euler k_euler_a k_dpm_2 k_dpm_2_a\n"
             "  prompt options after \" --\": --n NEG --w W --h H --s STEPS --d SEED[,SEED] --l SCALE\n"
@@ -210,10 +214,12 @@ static void usage(void) {
 
 int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
     const char *ckpt = NULL, *outdir = "outputs", *prompt = NULL, *from_file = NULL, *negative = NULL;
-    const char *sampler = "ddim", *rng = "cpu", *image_path = NULL, *vae = NULL;
+    const char *sampler = "ddim", *rng = "cpu", *image_path = NULL, *vae = NULL, *out_fmt = "png";
     const char *weights[MAX_NETS];
     double muls[MAX_NETS];
     int nw = 0, nmul = 0, v2 = 0, vparam = 0, merge = 0, iter_same = 0, seq_names = 0, clip_sample = 0;
+    int no_model_hash = 0, webp_lossless = 0;
+    long jpeg_quality = 80;   /* A1111's default, used for JPEG and lossy WebP as A1111 does */
     long W = 512, H = 512, steps = 50, ipp = 1, batch = 1, n_iter = 1, clip_skip = 1, mem = 1;
     double scale = 7.5, negative_scale = 0, strength = 0.8;
     long long seed = -1;
@@ -226,7 +232,8 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
         if (0) {}
         STR("--ckpt", ckpt); STR("--outdir", outdir); STR("--prompt", prompt); STR("--from_file", from_file);
         STR("--negative_prompt", negative); STR("--sampler", sampler); STR("--rng", rng);
-        STR("--image_path", image_path); STR("--vae", vae);
+        STR("--image_path", image_path); STR("--vae", vae); STR("--output_format", out_fmt);
+        LNG("--jpeg_quality", jpeg_quality);
         LNG("--W", W); LNG("--H", H); LNG("--steps", steps); LNG("--images_per_prompt", ipp);
         LNG("--batch_size", batch); LNG("--n_iter", n_iter); LNG("--clip_skip", clip_skip);
         LNG("--max_embeddings_multiples", mem);
@@ -238,6 +245,8 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
         else if (strcmp(a, "--iter_same_seed") == 0) iter_same = 1;
         else if (strcmp(a, "--sequential_file_name") == 0) seq_names = 1;
         else if (strcmp(a, "--clip_sample") == 0) clip_sample = 1;
+        else if (strcmp(a, "--no_model_hash") == 0) no_model_hash = 1;
+        else if (strcmp(a, "--webp_lossless") == 0) webp_lossless = 1;
         else if (strcmp(a, "--verbose") == 0) continue;
         else if (strcmp(a, "--network_module") == 0) {
             while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
@@ -271,6 +280,14 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
         return 2;
     }
     for (int i = nmul; i < nw; i++) muls[i] = 1.0;   /* kohya: default 1.0 each */
+    const char *ext = NULL;
+    if (strcasecmp(out_fmt, "png") == 0) ext = "png";
+    else if (strcasecmp(out_fmt, "jpg") == 0 || strcasecmp(out_fmt, "jpeg") == 0) ext = "jpg";
+    else if (strcasecmp(out_fmt, "webp") == 0) ext = "webp";
+    if (!ext || jpeg_quality < 1 || jpeg_quality > 100) {
+        fprintf(stderr, "lora generate: --output_format must be png, jpg or webp and --jpeg_quality 1..100\n");
+        return 2;
+    }
 
     /* prompts */
     char *file_text = NULL;
@@ -305,6 +322,15 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
     lora_params_set_int(load, LORA_P_V2, v2);
     lora_params_set_int(load, LORA_P_V_PARAMETERIZATION, vparam);
     if ((s = lora_model_load(ctx, ckpt, load, &model)) != LORA_OK) rc = cli_fail(ctx, s, ckpt);
+    /* A1111's "Model hash": the first 10 hex of the checkpoint file's SHA-256 (a Diffusers
+     * folder has none; A1111 does not load those) */
+    char model_hash[65] = "";
+    struct stat ckpt_st;
+    if (!rc && !no_model_hash && stat(ckpt, &ckpt_st) == 0 && S_ISREG(ckpt_st.st_mode)) {
+        if ((s = lora_file_hash(ctx, ckpt, LORA_HASH_SHA256, model_hash, sizeof model_hash)) != LORA_OK)
+            rc = cli_fail(ctx, s, ckpt);
+        model_hash[10] = '\0';
+    }
     char lora_hashes[2048] = "";
     for (int i = 0; !rc && i < nw; i++) {
         if ((s = lora_network_load(ctx, weights[i], &nets[i])) != LORA_OK) {
@@ -313,11 +339,20 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
         }
         if ((s = lora_model_attach(model, nets[i], muls[i], merge ? LORA_APPLY_MERGE : LORA_APPLY_RUNTIME)) != LORA_OK)
             rc = cli_fail(ctx, s, weights[i]);
-        /* A1111's "Lora hashes": the first 12 hex digits of the file's sshs_model_hash */
-        char h[80];
+        /* A1111's "Lora hashes": the first 12 hex digits of the file's sshs_model_hash, else of
+         * the hash A1111 computes itself: the addnet hash of a .safetensors file, the SHA-256 of
+         * any other */
+        char h[80] = "";
         size_t need = 0;
-        if (!rc && lora_network_metadata_get(nets[i], "sshs_model_hash", h, sizeof h, &need) == LORA_OK &&
-            strlen(h) >= 12) {
+        if (!rc && (lora_network_metadata_get(nets[i], "sshs_model_hash", h, sizeof h, &need) != LORA_OK ||
+                    strlen(h) < 12)) {
+            size_t wl = strlen(weights[i]);
+            int st = wl >= 12 && strcasecmp(weights[i] + wl - 12, ".safetensors") == 0;
+            if ((s = lora_file_hash(ctx, weights[i], st ? LORA_HASH_ADDNET : LORA_HASH_SHA256, h, sizeof h)) !=
+                LORA_OK)
+                rc = cli_fail(ctx, s, weights[i]);
+        }
+        if (!rc && strlen(h) >= 12) {
             char name[256];
             snprintf(name, sizeof name, "%s", base_name(weights[i]));
             char *dot = strrchr(name, '.');
@@ -396,6 +431,9 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
             }
             if (vae) SET(lora_params_set_string(p, LORA_P_VAE, vae));
             if (lora_hashes[0]) SET(lora_params_set_string(p, LORA_P_LORA_HASHES, lora_hashes));
+            if (model_hash[0]) SET(lora_params_set_string(p, LORA_P_MODEL_HASH, model_hash));
+            SET(lora_params_set_int(p, LORA_P_JPEG_QUALITY, jpeg_quality));
+            SET(lora_params_set_int(p, LORA_P_WEBP_LOSSLESS, webp_lossless));
 #undef SET
             lora_image *imgs[256] = {0};
             int64_t got = 0;
@@ -407,10 +445,10 @@ int cmd_generate(lora_ctx *ctx, int argc, char **argv) {
             for (int64_t k = 0; !rc && k < got; k++) {
                 char path[4096];
                 counter++;
-                if (seq_names) snprintf(path, sizeof path, "%s/im_%06lld.png", outdir, (long long)counter);
-                else snprintf(path, sizeof path, "%s/im_%s_%03lld_%llu.png", outdir, ts, (long long)(k % batch),
-                              (unsigned long long)lora_image_seed(imgs[k]));
-                if ((s = lora_image_save_png(imgs[k], path, NULL)) != LORA_OK) rc = cli_fail(ctx, s, path);
+                if (seq_names) snprintf(path, sizeof path, "%s/im_%06lld.%s", outdir, (long long)counter, ext);
+                else snprintf(path, sizeof path, "%s/im_%s_%03lld_%llu.%s", outdir, ts, (long long)(k % batch),
+                              (unsigned long long)lora_image_seed(imgs[k]), ext);
+                if ((s = lora_image_save(imgs[k], path, p)) != LORA_OK) rc = cli_fail(ctx, s, path);
                 else printf("%s\n", path);
             }
             for (int64_t k = 0; k < got; k++) lora_image_free(imgs[k]);

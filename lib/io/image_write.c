@@ -1,8 +1,14 @@
-/* PNG writing through libpng into memory, then an atomic file write (see image_write.h). */
-#include <png.h>
+/* PNG, JPEG and WebP writing into memory, then an atomic file write (see image_write.h). */
 #include <setjmp.h>
+#include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+
+#include <jpeglib.h>   /* needs stddef.h and stdio.h first */
+#include <png.h>
+#include <webp/encode.h>
 
 #include "core/utf8.h"
 #include "io/atomic_file.h"
@@ -151,11 +157,7 @@ lora_status img_png_encode(lora_ctx *ctx, const uint8_t *pixels, int64_t width, 
     return LORA_OK;
 }
 
-lora_status img_write_png(lora_ctx *ctx, const char *path, const uint8_t *pixels, int64_t width, int64_t height,
-                          int channels, const struct img_text *text, int64_t n_text) {
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    LORA_TRY(img_png_encode(ctx, pixels, width, height, channels, text, n_text, &buf, &len));
+static lora_status write_whole(lora_ctx *ctx, const char *path, uint8_t *buf, size_t len) {
     struct atomic_file af;
     lora_status s = atomic_file_begin(ctx, path, &af);
     if (s == LORA_OK) {
@@ -165,4 +167,315 @@ lora_status img_write_png(lora_ctx *ctx, const char *path, const uint8_t *pixels
     }
     lora_free(ctx, buf);
     return s;
+}
+
+lora_status img_write_png(lora_ctx *ctx, const char *path, const uint8_t *pixels, int64_t width, int64_t height,
+                          int channels, const struct img_text *text, int64_t n_text) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    LORA_TRY(img_png_encode(ctx, pixels, width, height, channels, text, n_text, &buf, &len));
+    return write_whole(ctx, path, buf, len);
+}
+
+/* ---- EXIF UserComment ---------------------------------------------------------------------- */
+
+static void put_be16(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static void put_be32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void put_le32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+/* Code points of well-formed UTF-8 (checked by the caller) as UTF-16BE, surrogate pairs above
+ * U+FFFF (Python's "utf_16_be" codec). dst NULL: only counts. Returns the byte count. */
+static size_t utf16be(const uint8_t *s, size_t n, uint8_t *dst) {
+    size_t k = 0;
+    for (size_t i = 0; i < n;) {
+        uint32_t c = s[i];
+        int extra = c < 0x80 ? 0 : c < 0xE0 ? 1 : c < 0xF0 ? 2 : 3;
+        c = extra == 0 ? c : extra == 1 ? (c & 0x1F) : extra == 2 ? (c & 0x0F) : (c & 0x07);
+        for (int j = 1; j <= extra; j++) c = (c << 6) | (s[i + (size_t)j] & 0x3F);
+        i += (size_t)extra + 1;
+        if (c >= 0x10000) {
+            if (dst) {
+                put_be16(dst + k, 0xD800 + ((c - 0x10000) >> 10));
+                put_be16(dst + k + 2, 0xDC00 + ((c - 0x10000) & 0x3FF));
+            }
+            k += 4;
+        } else {
+            if (dst) put_be16(dst + k, c);
+            k += 2;
+        }
+    }
+    return k;
+}
+
+/* Layout (piexif.dump): "Exif\0\0"; TIFF "MM\0*" + IFD0 offset 8; IFD0 at 8: one entry
+ * (0x8769 LONG 1 -> 26), next 0; Exif IFD at 26: one entry (0x9286 UNDEFINED n -> 40) and,
+ * as piexif writes sub-IFDs, no next-IFD field; the comment at 40. */
+lora_status img_exif_user_comment(lora_ctx *ctx, const char *text, uint8_t **out, size_t *out_len) {
+    *out = NULL;
+    *out_len = 0;
+    size_t n = strlen(text), bad = 0;
+    if (!utf8_valid((const uint8_t *)text, n, &bad))
+        return lora_fail(ctx, LORA_E_CAPTION_ENCODING, "EXIF UserComment: the text is not UTF-8 (byte %zu)", bad);
+    size_t body = utf16be((const uint8_t *)text, n, NULL);
+    if (body > (1u << 30))
+        return lora_fail(ctx, LORA_E_LIMIT, "EXIF UserComment: %zu bytes of text is too long", n);
+    size_t count = 8 + body, total = 6 + 40 + count;
+    uint8_t *b = lora_malloc(ctx, total);
+    if (!b) return LORA_E_NOMEM;
+    memset(b, 0, 6 + 40);
+    memcpy(b, "Exif\0\0", 6);
+    uint8_t *t = b + 6;
+    memcpy(t, "MM\0*", 4);
+    put_be32(t + 4, 8);
+    put_be16(t + 8, 1);                      /* IFD0: 1 entry */
+    put_be16(t + 10, 0x8769);                /* ExifIFD pointer */
+    put_be16(t + 12, 4);                     /* LONG */
+    put_be32(t + 14, 1);
+    put_be32(t + 18, 26);
+    put_be32(t + 22, 0);                     /* no IFD1 */
+    put_be16(t + 26, 1);                     /* Exif IFD: 1 entry */
+    put_be16(t + 28, 0x9286);                /* UserComment */
+    put_be16(t + 30, 7);                     /* UNDEFINED */
+    put_be32(t + 32, (uint32_t)count);
+    put_be32(t + 36, 40);                    /* piexif writes no next-IFD link here */
+    memcpy(t + 40, "UNICODE\0", 8);
+    utf16be((const uint8_t *)text, n, t + 48);
+    *out = b;
+    *out_len = total;
+    return LORA_OK;
+}
+
+/* RGB rows for the encoders (alpha dropped). *tmp is set when a copy was needed. */
+static lora_status rgb_rows(lora_ctx *ctx, const uint8_t *pixels, int64_t w, int64_t h, int channels,
+                            const uint8_t **rgb, uint8_t **tmp) {
+    *tmp = NULL;
+    *rgb = pixels;
+    if (channels == 3) return LORA_OK;
+    size_t n = (size_t)w * (size_t)h;
+    uint8_t *c = lora_malloc(ctx, n * 3);
+    if (!c) return LORA_E_NOMEM;
+    for (size_t i = 0; i < n; i++) {
+        c[i * 3] = pixels[i * 4];
+        c[i * 3 + 1] = pixels[i * 4 + 1];
+        c[i * 3 + 2] = pixels[i * 4 + 2];
+    }
+    *tmp = c;
+    *rgb = c;
+    return LORA_OK;
+}
+
+static lora_status check_image(lora_ctx *ctx, const char *fmt, const uint8_t *pixels, int64_t w, int64_t h,
+                               int channels, int64_t max_side) {
+    if (!pixels || w < 1 || h < 1 || w > max_side || h > max_side || (channels != 3 && channels != 4))
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: %lldx%lld with %d channels cannot be written (sides "
+                         "1..%lld, 3 or 4 channels)", fmt, (long long)w, (long long)h, channels, (long long)max_side);
+    return LORA_OK;
+}
+
+/* ---- JPEG ----------------------------------------------------------------------------------- */
+
+struct jpeg_werr {
+    struct jpeg_error_mgr mgr;
+    jmp_buf jb;
+    char msg[JMSG_LENGTH_MAX];
+    unsigned char *out;     /* jpeg_mem_dest's buffer: stored through a pointer, so the error */
+    unsigned long out_len;  /* path reads it from memory, not from a clobbered register */
+};
+
+static void jpeg_w_error(j_common_ptr c) {
+    struct jpeg_werr *e = (struct jpeg_werr *)c->err;
+    c->err->format_message(c, e->msg);
+    longjmp(e->jb, 1);
+}
+
+static void jpeg_w_message(j_common_ptr c) { (void)c; }
+
+/* All libjpeg calls stay between setjmp and the cleanup. jpeg_mem_dest's buffer comes from
+ * libjpeg's malloc; it is copied into a lora_malloc buffer. */
+static lora_status jpeg_run(lora_ctx *ctx, const uint8_t *rgb, int64_t w, int64_t h, const uint8_t *exif,
+                            size_t exif_len, int quality, uint8_t **out, size_t *out_len) {
+    struct jpeg_compress_struct c;
+    struct jpeg_werr err;
+    memset(&c, 0, sizeof c);
+    memset(&err, 0, sizeof err);
+    c.err = jpeg_std_error(&err.mgr);
+    err.mgr.error_exit = jpeg_w_error;     /* the default calls exit() */
+    err.mgr.output_message = jpeg_w_message;
+    if (setjmp(err.jb)) {
+        jpeg_destroy_compress(&c);
+        free(err.out);
+        return lora_fail(ctx, LORA_E_INTERNAL, "JPEG encoder: %s", err.msg);
+    }
+    jpeg_create_compress(&c);
+    jpeg_mem_dest(&c, &err.out, &err.out_len);
+    c.image_width = (JDIMENSION)w;
+    c.image_height = (JDIMENSION)h;
+    c.input_components = 3;
+    c.in_color_space = JCS_RGB;
+    jpeg_set_defaults(&c);
+    jpeg_set_quality(&c, quality, TRUE);
+    if (exif) c.write_JFIF_header = FALSE;   /* piexif.insert replaces APP0 with the EXIF APP1 */
+    jpeg_start_compress(&c, TRUE);
+    if (exif) jpeg_write_marker(&c, JPEG_APP0 + 1, exif, (unsigned int)exif_len);
+    for (int64_t y = 0; y < h; y++) {
+        JSAMPROW row = (JSAMPROW)(rgb + (size_t)y * (size_t)w * 3);
+        jpeg_write_scanlines(&c, &row, 1);
+    }
+    jpeg_finish_compress(&c);
+    jpeg_destroy_compress(&c);
+    size_t len = (size_t)err.out_len;
+    uint8_t *b = lora_malloc(ctx, len ? len : 1);
+    if (b) memcpy(b, err.out, len);
+    free(err.out);
+    if (!b) return LORA_E_NOMEM;
+    *out = b;
+    *out_len = len;
+    return LORA_OK;
+}
+
+lora_status img_jpeg_encode(lora_ctx *ctx, const uint8_t *pixels, int64_t width, int64_t height, int channels,
+                            const char *comment, int quality, uint8_t **out, size_t *out_len) {
+    *out = NULL;
+    *out_len = 0;
+    LORA_TRY(check_image(ctx, "JPEG", pixels, width, height, channels, 65500));
+    if (quality < 1 || quality > 100)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "JPEG: quality %d is not in 1..100", quality);
+    uint8_t *exif = NULL;
+    size_t exif_len = 0;
+    if (comment) {
+        LORA_TRY(img_exif_user_comment(ctx, comment, &exif, &exif_len));
+        if (exif_len > 65533) {
+            lora_free(ctx, exif);
+            return lora_fail(ctx, LORA_E_LIMIT, "JPEG: the parameters text needs %zu bytes of EXIF, more than one "
+                             "APP1 segment holds (65533); save as PNG or WebP", exif_len);
+        }
+    }
+    const uint8_t *rgb;
+    uint8_t *tmp;
+    lora_status s = rgb_rows(ctx, pixels, width, height, channels, &rgb, &tmp);
+    if (s == LORA_OK) s = jpeg_run(ctx, rgb, width, height, exif, exif_len, quality, out, out_len);
+    lora_free(ctx, tmp);
+    lora_free(ctx, exif);
+    return s;
+}
+
+/* ---- WebP ----------------------------------------------------------------------------------- */
+
+lora_status img_webp_encode(lora_ctx *ctx, const uint8_t *pixels, int64_t width, int64_t height, int channels,
+                            const char *comment, int quality, int lossless, uint8_t **out, size_t *out_len) {
+    *out = NULL;
+    *out_len = 0;
+    LORA_TRY(check_image(ctx, "WebP", pixels, width, height, channels, WEBP_MAX_DIMENSION));
+    if (quality < 0 || quality > 100)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "WebP: quality %d is not in 0..100", quality);
+    uint8_t *exif = NULL;
+    size_t exif_len = 0;
+    if (comment) LORA_TRY(img_exif_user_comment(ctx, comment, &exif, &exif_len));
+    const uint8_t *rgb;
+    uint8_t *tmp;
+    lora_status s = rgb_rows(ctx, pixels, width, height, channels, &rgb, &tmp);
+    if (s != LORA_OK) {
+        lora_free(ctx, exif);
+        return s;
+    }
+    uint8_t *enc = NULL;
+    int stride = (int)width * 3;
+    size_t n = lossless ? WebPEncodeLosslessRGB(rgb, (int)width, (int)height, stride, &enc)
+                        : WebPEncodeRGB(rgb, (int)width, (int)height, stride, (float)quality, &enc);
+    lora_free(ctx, tmp);
+    /* the simple API writes "RIFF" size "WEBP" and one "VP8 " / "VP8L" chunk */
+    if (n < 20 || !enc || memcmp(enc, "RIFF", 4) != 0 || memcmp(enc + 8, "WEBP", 4) != 0) {
+        WebPFree(enc);
+        lora_free(ctx, exif);
+        return lora_fail(ctx, LORA_E_INTERNAL, "WebP encoder failed for a %lldx%lld image", (long long)width,
+                         (long long)height);
+    }
+    size_t img_chunks = n - 12, tiff_len = exif ? exif_len - 6 : 0;
+    size_t total = exif ? 12 + 18 + img_chunks + 8 + tiff_len + (tiff_len & 1) : n;
+    if (total - 8 > 0xFFFFFFF0u) {
+        WebPFree(enc);
+        lora_free(ctx, exif);
+        return lora_fail(ctx, LORA_E_LIMIT, "WebP: %zu bytes do not fit a RIFF file", total);
+    }
+    uint8_t *b = lora_malloc(ctx, total);
+    if (!b) {
+        WebPFree(enc);
+        lora_free(ctx, exif);
+        return LORA_E_NOMEM;
+    }
+    if (!exif) {
+        memcpy(b, enc, n);
+    } else {
+        uint8_t *p = b;
+        memcpy(p, "RIFF", 4);
+        put_le32(p + 4, (uint32_t)(total - 8));
+        memcpy(p + 8, "WEBPVP8X", 8);
+        put_le32(p + 16, 10);
+        memset(p + 20, 0, 10);
+        p[20] = 0x08;                                    /* EXIF flag */
+        uint32_t wm1 = (uint32_t)width - 1, hm1 = (uint32_t)height - 1;
+        p[24] = (uint8_t)wm1;
+        p[25] = (uint8_t)(wm1 >> 8);
+        p[26] = (uint8_t)(wm1 >> 16);
+        p[27] = (uint8_t)hm1;
+        p[28] = (uint8_t)(hm1 >> 8);
+        p[29] = (uint8_t)(hm1 >> 16);
+        p += 30;
+        memcpy(p, enc + 12, img_chunks);
+        p += img_chunks;
+        memcpy(p, "EXIF", 4);
+        put_le32(p + 4, (uint32_t)tiff_len);
+        memcpy(p + 8, exif + 6, tiff_len);               /* piexif strips "Exif\0\0" for WebP */
+        if (tiff_len & 1) p[8 + tiff_len] = 0;
+    }
+    WebPFree(enc);
+    lora_free(ctx, exif);
+    *out = b;
+    *out_len = total;
+    return LORA_OK;
+}
+
+/* ---- by extension --------------------------------------------------------------------------- */
+
+int img_out_format(const char *path) {
+    const char *dot = path ? strrchr(path, '.') : NULL;
+    if (!dot || strchr(dot, '/')) return IMG_OUT_UNKNOWN;
+    if (strcasecmp(dot, ".png") == 0) return IMG_OUT_PNG;
+    if (strcasecmp(dot, ".jpg") == 0 || strcasecmp(dot, ".jpeg") == 0) return IMG_OUT_JPEG;
+    if (strcasecmp(dot, ".webp") == 0) return IMG_OUT_WEBP;
+    return IMG_OUT_UNKNOWN;
+}
+
+lora_status img_write_image(lora_ctx *ctx, const char *path, const uint8_t *pixels, int64_t width, int64_t height,
+                            int channels, const struct img_text *text, int64_t n_text, int quality,
+                            int webp_lossless) {
+    int fmt = img_out_format(path);
+    if (fmt == IMG_OUT_UNKNOWN)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: the extension is not .png, .jpg, .jpeg or .webp", path);
+    if (fmt == IMG_OUT_PNG) return img_write_png(ctx, path, pixels, width, height, channels, text, n_text);
+    const char *comment = NULL;
+    for (int64_t i = 0; i < n_text; i++)
+        if (text[i].key && strcmp(text[i].key, "parameters") == 0) comment = text[i].value ? text[i].value : "";
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (fmt == IMG_OUT_JPEG)
+        LORA_TRY(img_jpeg_encode(ctx, pixels, width, height, channels, comment, quality, &buf, &len));
+    else
+        LORA_TRY(img_webp_encode(ctx, pixels, width, height, channels, comment, quality, webp_lossless, &buf, &len));
+    return write_whole(ctx, path, buf, len);
 }

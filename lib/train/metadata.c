@@ -14,76 +14,7 @@
 #include "io/safetensors.h"
 #include "train/metadata.h"
 
-/* ---- SHA-256 ---- */
-
-static const uint32_t K256[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-};
-
-static inline uint32_t ror(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
-
-static void sha_block(uint32_t h[8], const uint8_t *p) {
-    uint32_t w[64];
-    for (int i = 0; i < 16; i++)
-        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-    for (int i = 16; i < 64; i++) {
-        uint32_t s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >> 3);
-        uint32_t s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >> 10);
-        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
-    for (int i = 0; i < 64; i++) {
-        uint32_t t1 = k + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
-        uint32_t t2 = (ror(a, 2) ^ ror(a, 13) ^ ror(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-        k = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
-    }
-    h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
-}
-
-void md_sha256_init(struct md_sha256 *c) {
-    static const uint32_t h0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    memcpy(c->h, h0, sizeof h0);
-    c->len = 0;
-}
-
-void md_sha256_update(struct md_sha256 *c, const void *data, size_t n) {
-    const uint8_t *p = data;
-    size_t have = (size_t)(c->len % 64);
-    c->len += n;
-    if (have) {
-        size_t take = 64 - have < n ? 64 - have : n;
-        memcpy(c->buf + have, p, take);
-        p += take, n -= take, have += take;
-        if (have < 64) return;
-        sha_block(c->h, c->buf);
-    }
-    for (; n >= 64; p += 64, n -= 64) sha_block(c->h, p);
-    if (n) memcpy(c->buf, p, n);
-}
-
-void md_sha256_final(struct md_sha256 *c, uint8_t out[32]) {
-    uint64_t bits = c->len * 8;
-    size_t have = (size_t)(c->len % 64);
-    c->buf[have++] = 0x80;
-    if (have > 56) {
-        memset(c->buf + have, 0, 64 - have);
-        sha_block(c->h, c->buf);
-        have = 0;
-    }
-    memset(c->buf + have, 0, 56 - have);
-    for (int i = 0; i < 8; i++) c->buf[56 + i] = (uint8_t)(bits >> (56 - 8 * i));
-    sha_block(c->h, c->buf);
-    for (int i = 0; i < 8; i++)
-        for (int j = 0; j < 4; j++) out[4 * i + j] = (uint8_t)(c->h[i] >> (24 - 8 * j));
-}
+/* ---- hex ---- */
 
 void md_hex(const uint8_t *d, size_t n, char *out) {
     static const char hx[] = "0123456789abcdef";
@@ -225,26 +156,24 @@ lora_status md_set_float(struct md_list *l, const char *key, double v) {
 
 /* ---- hashes ---- */
 
-void md_safetensors_hashes(const uint8_t *file, uint64_t size, char model_hash[65], char legacy_hash[9]) {
+lora_status md_safetensors_hashes(lora_ctx *ctx, const uint8_t *file, uint64_t size, char model_hash[65],
+                                  char legacy_hash[9]) {
     uint8_t d[32];
-    struct md_sha256 c;
+    model_hash[0] = legacy_hash[0] = 0;
     uint64_t n = 0;
     for (int i = 0; i < 8 && (uint64_t)i < size; i++) n |= (uint64_t)file[i] << (8 * i);
     uint64_t start = size >= 8 && n <= size - 8 ? 8 + n : size;
-    md_sha256_init(&c);
-    md_sha256_update(&c, file + start, (size_t)(size - start));
-    md_sha256_final(&c, d);
-    md_hex(d, 32, model_hash);
-    md_sha256_init(&c);
-    if (size > 0x100000) {
-        uint64_t e = size < 0x110000 ? size : 0x110000;
-        md_sha256_update(&c, file + 0x100000, (size_t)(e - 0x100000));
-    }
-    md_sha256_final(&c, d);
+    /* no pointer arithmetic on the NULL an empty file maps to */
+    LORA_TRY(lora_sha256(ctx, size ? file + start : file, (size_t)(size - start), d));
     char full[65];
+    md_hex(d, 32, full);
+    uint64_t a = size < 0x100000 ? size : 0x100000, e = size < 0x110000 ? size : 0x110000;
+    LORA_TRY(lora_sha256(ctx, size ? file + a : file, (size_t)(e - a), d));
+    memcpy(model_hash, full, 65);
     md_hex(d, 32, full);
     memcpy(legacy_hash, full, 8);
     legacy_hash[8] = 0;
+    return LORA_OK;
 }
 
 lora_status md_file_hashes(lora_ctx *ctx, const char *path, int *is_file, char legacy[9], char full[65]) {
@@ -255,38 +184,36 @@ lora_status md_file_hashes(lora_ctx *ctx, const char *path, int *is_file, char l
     int fd = -1;
     uint64_t size = 0;
     LORA_TRY(io_open_read(ctx, path, &fd, &size));
-    struct md_sha256 all, leg;
-    md_sha256_init(&all);
-    md_sha256_init(&leg);
+    struct lora_sha256 all = {0}, leg = {0};
     size_t cap = 1 << 20;
     uint8_t *buf = lora_malloc(ctx, cap);
-    if (!buf) {
-        close(fd);
-        return LORA_E_NOMEM;
-    }
+    lora_status s = buf ? LORA_OK : LORA_E_NOMEM;
+    if (s == LORA_OK) s = lora_sha256_init(ctx, &all);
+    if (s == LORA_OK) s = lora_sha256_init(ctx, &leg);
     uint64_t pos = 0;
-    lora_status s = LORA_OK;
-    for (;;) {
+    while (s == LORA_OK) {
         ssize_t r = read(fd, buf, cap);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) { s = io_fail(ctx, errno, "read", path); break; }
         if (r == 0) break;
-        md_sha256_update(&all, buf, (size_t)r);
+        if ((s = lora_sha256_update(&all, buf, (size_t)r)) != LORA_OK) break;
         /* the part of [0x100000, 0x110000) inside this chunk */
         uint64_t a = pos > 0x100000 ? pos : 0x100000, b = pos + (uint64_t)r < 0x110000 ? pos + (uint64_t)r : 0x110000;
-        if (a < b) md_sha256_update(&leg, buf + (a - pos), (size_t)(b - a));
+        if (a < b && (s = lora_sha256_update(&leg, buf + (a - pos), (size_t)(b - a))) != LORA_OK) break;
         pos += (uint64_t)r;
         if ((s = lora_check_cancel(ctx)) != LORA_OK) break;
     }
     close(fd);
     lora_free(ctx, buf);
+    uint8_t d[32], dl[32];
+    if (s == LORA_OK) s = lora_sha256_final(&all, d);
+    if (s == LORA_OK) s = lora_sha256_final(&leg, dl);
+    lora_sha256_discard(&all);
+    lora_sha256_discard(&leg);
     if (s != LORA_OK) return s;
-    uint8_t d[32];
     char hx[65];
-    md_sha256_final(&all, d);
     md_hex(d, 32, full);
-    md_sha256_final(&leg, d);
-    md_hex(d, 32, hx);
+    md_hex(dl, 32, hx);
     memcpy(legacy, hx, 8);
     legacy[8] = 0;
     *is_file = 1;
@@ -361,7 +288,7 @@ lora_status md_save_network(const struct lora_network *net, const char *path, co
         if (s == LORA_OK) {
             void *map = size ? mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
             if (size && map == MAP_FAILED) s = io_fail(ctx, errno, "mmap", tmp);
-            else md_safetensors_hashes(map, size, model_hash, legacy);
+            else s = md_safetensors_hashes(ctx, map, size, model_hash, legacy);
             if (size && map != MAP_FAILED) munmap(map, (size_t)size);
             close(fd);
         }

@@ -7,17 +7,10 @@
 #define LORA_TRAIN_METADATA_H
 
 #include "internal.h"
+#include "core/sha256.h"
 #include "network/network.h"
 
-/* ---- SHA-256 (FIPS 180-4) ------------------------------------------------------------------ */
-struct md_sha256 {
-    uint32_t h[8];
-    uint8_t buf[64];
-    uint64_t len;      /* bytes hashed so far */
-};
-void md_sha256_init(struct md_sha256 *c);
-void md_sha256_update(struct md_sha256 *c, const void *data, size_t n);
-void md_sha256_final(struct md_sha256 *c, uint8_t out[32]);
+/* ---- SHA-256: core/sha256.h (lora_sha256_*) ------------------------------------------------ */
 /* Lower-case hex of n bytes into out (2n + 1 chars). */
 void md_hex(const uint8_t *d, size_t n, char *out);
 
@@ -45,8 +38,9 @@ const char *md_get(const struct md_list *l, const char *key);
 /* ---- hashes --------------------------------------------------------------------------------- */
 /* sshs_model_hash / sshs_legacy_hash of a safetensors image: SHA-256 of the bytes after the
  * header (64 hex), and the first 8 hex of SHA-256 of bytes [0x100000, 0x110000) (empty input
- * for short files). */
-void md_safetensors_hashes(const uint8_t *file, uint64_t size, char model_hash[65], char legacy_hash[9]);
+ * for short files). Fails only when SHA-256 does (core/sha256.h); the strings are empty then. */
+LORA_MUST_CHECK lora_status md_safetensors_hashes(lora_ctx *ctx, const uint8_t *file, uint64_t size,
+                                                  char model_hash[65], char legacy_hash[9]);
 /* train_util.model_hash (8 hex of SHA-256 of [0x100000, 0x110000)) and calculate_sha256 (the
  * whole file) of a regular file. Anything else (a diffusers folder, a missing path) sets
  * *is_file = 0 and returns LORA_OK without hashes (kohya hashes only what it can read). */

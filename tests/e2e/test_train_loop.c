@@ -356,12 +356,9 @@ static void test_learns(lora_ctx *ctx, lora_model *model) {
             if (i == 5) lh = v;
         }
         /* sshs_model_hash covers the data region, the same bytes as in this file */
-        struct md_sha256 c;
         uint8_t d[32];
         char hx[65];
-        md_sha256_init(&c);
-        md_sha256_update(&c, f->base + f->data_start, (size_t)(f->size - f->data_start));
-        md_sha256_final(&c, d);
+        CHECK(lora_sha256(NULL, f->base + f->data_start, (size_t)(f->size - f->data_start), d) == LORA_OK);
         md_hex(d, 32, hx);
         CHECK_MSG(mh && strcmp(mh, hx) == 0, "sshs_model_hash %s, data region %s", mh ? mh : "-", hx);
         CHECK(lh && strlen(lh) == 8);
