@@ -4,8 +4,9 @@
  * /dev/null` (read) and `cp M T` (read + write). The LoRA (every kohya target of the model,
  * conv 3x3 excluded, random factors) is written to the benchmark's temp dir first. The merge
  * runs in a child process so its peak RSS is its own.
- * usage: bench_merge MODEL [TMPDIR] [RANK]     (scripts/bench.sh merge: MODEL = an SD1.5-size
- * random fp16 model from bench/load_peer.py write)
+ * usage: bench_merge MODEL [TMPDIR] [RANK] [keep]   (scripts/bench.sh merge: MODEL = an SD1.5-size
+ * random fp16 model from bench/load_peer.py write; "keep" leaves the LoRA and the merged model in
+ * TMPDIR, to compare with another build's output)
  * Prints "name seconds" lines and '#' notes. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,7 @@ int main(int argc, char **argv) {
     }
     const char *model = argv[1], *tmp = argc > 2 ? argv[2] : "/tmp";
     int64_t rank = argc > 3 ? atoll(argv[3]) : 128;
+    int keep = argc > 4 && strcmp(argv[4], "keep") == 0;
     char lora[600], out[600], copy[600], cmd[2000];
     snprintf(lora, sizeof lora, "%s/bench_merge_lora.safetensors", tmp);
     snprintf(out, sizeof out, "%s/bench_merge_out.safetensors", tmp);
@@ -103,8 +105,10 @@ int main(int argc, char **argv) {
     double t_merge = bench_now() - t0;
     struct stat so;
     stat(out, &so);
-    unlink(out);
-    unlink(lora);
+    if (!keep) {
+        unlink(out);
+        unlink(lora);
+    }
     printf("# merge peak RSS %.0f MB (model %.0f MB: mapped pages count while touched; the parent's peak before "
            "the fork: %.0f MB); output %.2f GB\n", (double)ru.ru_maxrss / 1024.0, (double)sb.st_size / 1e6,
            (double)self.ru_maxrss / 1024.0, (double)so.st_size / 1e9);

@@ -75,4 +75,13 @@ static inline uint16_t lora_f32_to_bf16(float f) {
     return (uint16_t)(x >> 16);
 }
 
+/* Row conversions, bit-identical to the scalar functions above (fp16 -> f32 keeps NaN payloads;
+ * f32 -> fp16 rounds to nearest even, NaN -> 0x7e00 with the sign), but vectorised: the library
+ * is built for baseline x86-64, so they are cloned per ISA level (AVX-512 / AVX2 / baseline),
+ * and f32 -> fp16 uses the F16C instruction where the CPU has it. Serial (memory-bound). */
+void lora_f16_to_f32_row(const uint16_t *src, float *dst, int64_t n);
+void lora_f32_to_f16_row(const float *src, uint16_t *dst, int64_t n);
+/* 1 when one of the n F16 (or, for dt BF16, bfloat16) values is a NaN. */
+int lora_half_has_nan(lora_dtype dt, const uint16_t *h, int64_t n);
+
 #endif

@@ -11,7 +11,7 @@
  *                  inert globals real SD checkpoints carry; every opcode is type-checked and all
  *                  memory is bounded by the pickle's size.
  *   ckpt_write.c - the writer (protocol-2 pickle, stored 64-byte-aligned records, ZIP64 when
- *                  needed), through atomic_file. */
+ *                  needed), through atomic_file, streamed one record at a time. */
 #ifndef LORA_IO_CKPT_H
 #define LORA_IO_CKPT_H
 
@@ -56,6 +56,22 @@ lora_status ckpt_read_mem(lora_ctx *ctx, const char *label, const uint8_t *buf, 
  * Dtypes: F32, F16, BF16, F64, I64, I32, I16, I8, U8, BOOL; others give LORA_E_UNSUPPORTED
  * (torch 1.13 has no storage type for them). Names must be UTF-8 (LORA_E_INVALID_ARG). */
 lora_status ckpt_write(lora_ctx *ctx, const char *path, const struct tensor_map *m, int wrap_state_dict);
+
+/* The same, streamed: records are written one at a time, so the memory in use is the pickle and
+ * the one tensor the caller holds. ckpt_stream_begin validates `m` as ckpt_write does, but reads
+ * only its names, dtypes, shapes and byte sizes (data may be NULL), begins the atomic temp file
+ * and writes archive/data.pkl; then ckpt_stream_tensor is called once per tensor of `m`, in its
+ * order, with exactly its nbytes (the CRC-32 is computed over `data` before its local header is
+ * written); ckpt_stream_finish writes archive/version and the central directory and commits
+ * (rename), and frees the stream on success and failure. ckpt_stream_abort (after any failure,
+ * or to give up) removes the temp file and frees; NULL is fine. The output is byte for byte what
+ * ckpt_write writes. `m` need not outlive ckpt_stream_begin. One thread at a time. */
+struct ckpt_stream;
+lora_status ckpt_stream_begin(lora_ctx *ctx, const char *path, const struct tensor_map *m, int wrap_state_dict,
+                              struct ckpt_stream **out);
+lora_status ckpt_stream_tensor(struct ckpt_stream *cs, const void *data, uint64_t nbytes);
+lora_status ckpt_stream_finish(struct ckpt_stream *cs);
+void ckpt_stream_abort(struct ckpt_stream *cs);
 
 /* ---- the unpickler (unpickle.c) ---------------------------------------------------------- */
 

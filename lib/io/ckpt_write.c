@@ -331,8 +331,17 @@ static size_t central_entry(const struct record *r, uint8_t *h) {
     return 46 + nl + xl;
 }
 
-lora_status ckpt_write(lora_ctx *ctx, const char *path, const struct tensor_map *m, int wrap_state_dict) {
-    if (!path || !m) return lora_fail(ctx, LORA_E_INVALID_ARG, "ckpt_write: NULL argument");
+/* ---- the streamed writer ------------------------------------------------------------------------ */
+
+struct ckpt_stream {
+    lora_ctx *ctx;
+    struct atomic_file af;
+    struct record *rec;      /* [0] data.pkl, [1..n] tensors, [n + 1] version */
+    int64_t nrec, next;      /* next: the record the next ckpt_stream_tensor writes */
+    uint64_t pos;
+};
+
+static lora_status check_map(lora_ctx *ctx, const char *path, const struct tensor_map *m) {
     const uint16_t one = 1;
     uint8_t lsb;
     memcpy(&lsb, &one, 1);
@@ -348,43 +357,107 @@ lora_status ckpt_write(lora_ctx *ctx, const char *path, const struct tensor_map 
         if (!utf8_valid((const uint8_t *)t->name, strlen(t->name), &bad))
             return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: tensor name is not valid UTF-8 at byte %zu", path, bad);
         if (strlen(t->name) > UINT32_MAX) return lora_fail(ctx, LORA_E_LIMIT, "%s: tensor name too long", path);
-        if (t->nbytes && !t->data) return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: tensor \"%s\" has no data", path, t->name);
+        uint64_t want;
+        if (!ck_mul_u64((uint64_t)tmap_numel(t), (uint64_t)(lora_dtype_bits(t->dtype) / 8), &want) || want != t->nbytes)
+            return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: tensor \"%s\": %llu bytes for its shape's %llu", path, t->name,
+                             (unsigned long long)t->nbytes, (unsigned long long)want);
     }
-    struct pbuf pk;
-    LORA_TRY(build_pickle(ctx, m, wrap_state_dict, &pk));
+    return LORA_OK;
+}
 
-    int64_t nrec = m->n + 2;
-    struct record *rec = lora_calloc(ctx, (size_t)nrec, sizeof *rec);
+void ckpt_stream_abort(struct ckpt_stream *cs) {
+    if (!cs) return;
+    if (cs->af.ctx) atomic_file_abort(&cs->af);
+    lora_free(cs->ctx, cs->rec);
+    lora_free(cs->ctx, cs);
+}
+
+lora_status ckpt_stream_begin(lora_ctx *ctx, const char *path, const struct tensor_map *m, int wrap_state_dict,
+                              struct ckpt_stream **out) {
+    *out = NULL;
+    if (!path || !m) return lora_fail(ctx, LORA_E_INVALID_ARG, "ckpt_write: NULL argument");
+    LORA_TRY(check_map(ctx, path, m));
+    struct ckpt_stream *cs = lora_calloc(ctx, 1, sizeof *cs);
+    if (!cs) return LORA_E_NOMEM;
+    cs->ctx = ctx;
+    cs->nrec = m->n + 2;
+    if (!(cs->rec = lora_calloc(ctx, (size_t)cs->nrec, sizeof *cs->rec))) {
+        lora_free(ctx, cs);
+        return LORA_E_NOMEM;
+    }
+    snprintf(cs->rec[0].name, sizeof cs->rec[0].name, "archive/data.pkl");
+    for (int64_t i = 0; i < m->n; i++) {
+        snprintf(cs->rec[i + 1].name, sizeof cs->rec[i + 1].name, "archive/data/%lld", (long long)i);
+        cs->rec[i + 1].size = m->t[i].nbytes;   /* what ckpt_stream_tensor must be given */
+    }
+    snprintf(cs->rec[cs->nrec - 1].name, sizeof cs->rec[cs->nrec - 1].name, "archive/version");
+    struct pbuf pk;
+    lora_status s = build_pickle(ctx, m, wrap_state_dict, &pk);
+    if (s) {
+        ckpt_stream_abort(cs);
+        return s;
+    }
+    s = atomic_file_begin(ctx, path, &cs->af);
+    if (s) {
+        cs->af.ctx = NULL;   /* nothing to abort: begin cleaned up */
+        lora_free(ctx, pk.p);
+        ckpt_stream_abort(cs);
+        return s;
+    }
+    cs->rec[0].data = pk.p;
+    cs->rec[0].size = pk.n;
+    cs->rec[0].crc = ckpt_crc32(0, pk.p, pk.n);
+    s = write_record(&cs->af, &cs->rec[0], &cs->pos);
+    cs->rec[0].data = NULL;
+    lora_free(ctx, pk.p);
+    if (s) {
+        ckpt_stream_abort(cs);
+        return s;
+    }
+    cs->next = 1;
+    *out = cs;
+    return LORA_OK;
+}
+
+lora_status ckpt_stream_tensor(struct ckpt_stream *cs, const void *data, uint64_t nbytes) {
+    lora_ctx *ctx = cs->ctx;
+    if (cs->next < 1 || cs->next >= cs->nrec - 1)
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: more tensors than planned (%lld)", cs->af.path,
+                         (long long)(cs->nrec - 2));
+    struct record *r = &cs->rec[cs->next];
+    if (nbytes != r->size || (nbytes && !data))
+        return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: record %s: %llu bytes given, %llu planned", cs->af.path, r->name,
+                         (unsigned long long)nbytes, (unsigned long long)r->size);
+    /* the CRC goes in the local header, before the data: one pass over the bytes first */
+    r->crc = nbytes ? ckpt_crc32(0, data, (size_t)nbytes) : 0;
+    r->data = data;
+    lora_status s = write_record(&cs->af, r, &cs->pos);
+    r->data = NULL;
+    if (s) return s;
+    if ((cs->next++ & 63) == 63) LORA_TRY(lora_check_cancel(ctx));
+    return LORA_OK;
+}
+
+lora_status ckpt_stream_finish(struct ckpt_stream *cs) {
+    lora_ctx *ctx = cs->ctx;
+    int64_t nrec = cs->nrec;
+    lora_status s = LORA_OK;
+    if (cs->next != nrec - 1)
+        s = lora_fail(ctx, LORA_E_INVALID_ARG, "%s: %lld of %lld tensors written", cs->af.path, (long long)(cs->next - 1),
+                      (long long)(nrec - 2));
+    struct record *v = &cs->rec[nrec - 1];
+    v->data = "3\n";
+    v->size = 2;
+    v->crc = ckpt_crc32(0, v->data, 2);
+    if (!s) s = write_record(&cs->af, v, &cs->pos);
+    /* central directory: at most 46 + 48 + 28 bytes per entry */
     uint8_t *cd = NULL;
-    lora_status s = rec ? LORA_OK : LORA_E_NOMEM;
-    struct atomic_file af;
-    int begun = 0;
-    if (s == LORA_OK) {
-        snprintf(rec[0].name, sizeof rec[0].name, "archive/data.pkl");
-        rec[0].data = pk.p;
-        rec[0].size = pk.n;
-        for (int64_t i = 0; i < m->n; i++) {
-            snprintf(rec[i + 1].name, sizeof rec[i + 1].name, "archive/data/%lld", (long long)i);
-            rec[i + 1].data = m->t[i].data;
-            rec[i + 1].size = m->t[i].nbytes;
-        }
-        snprintf(rec[nrec - 1].name, sizeof rec[nrec - 1].name, "archive/version");
-        rec[nrec - 1].data = "3\n";
-        rec[nrec - 1].size = 2;
-        for (int64_t i = 0; i < nrec; i++)
-            rec[i].crc = rec[i].size ? ckpt_crc32(0, rec[i].data, (size_t)rec[i].size) : 0;
-        /* central directory: at most 46 + 48 + 28 bytes per entry */
-        size_t cd_cap;
-        if (!ck_mul_size((size_t)nrec, 46 + 48 + 28, &cd_cap)) s = LORA_E_NOMEM;
-        else if (!(cd = lora_malloc(ctx, cd_cap + 56 + 20 + 22))) s = LORA_E_NOMEM;
-    }
-    if (s == LORA_OK && (s = atomic_file_begin(ctx, path, &af)) == LORA_OK) begun = 1;
-    uint64_t pos = 0;
-    for (int64_t i = 0; s == LORA_OK && i < nrec; i++) {
-        s = write_record(&af, &rec[i], &pos);
-        if (s == LORA_OK && (i & 63) == 63) s = lora_check_cancel(ctx);
-    }
-    if (s == LORA_OK) {
+    size_t cd_cap;
+    if (!s && !ck_mul_size((size_t)nrec, 46 + 48 + 28, &cd_cap)) s = LORA_E_NOMEM;
+    else if (!s && !(cd = lora_malloc(ctx, cd_cap + 56 + 20 + 22))) s = LORA_E_NOMEM;
+    if (!s) {
+        const struct record *rec = cs->rec;
+        uint64_t pos = cs->pos;
         size_t cn = 0;
         for (int64_t i = 0; i < nrec; i++) cn += central_entry(&rec[i], cd + cn);
         uint64_t cd_off = pos, cd_size = cn, z64 = pos + cn;
@@ -414,12 +487,30 @@ lora_status ckpt_write(lora_ctx *ctx, const char *path, const struct tensor_map 
         put32(e + 16, cd_off >= Z64 ? Z64 : (uint32_t)cd_off);
         put16(e + 20, 0);
         e += 22;
-        s = atomic_file_write(&af, cd, (size_t)(e - cd));
+        s = atomic_file_write(&cs->af, cd, (size_t)(e - cd));
     }
-    if (s == LORA_OK) s = atomic_file_commit(&af);
-    else if (begun) atomic_file_abort(&af);
     lora_free(ctx, cd);
-    lora_free(ctx, rec);
-    lora_free(ctx, pk.p);
+    if (!s) {
+        s = atomic_file_commit(&cs->af);   /* cleans up on failure too */
+        cs->af.ctx = NULL;
+    }
+    ckpt_stream_abort(cs);                  /* frees; removes the temp file when it is still there */
     return s;
+}
+
+lora_status ckpt_write(lora_ctx *ctx, const char *path, const struct tensor_map *m, int wrap_state_dict) {
+    if (!path || !m) return lora_fail(ctx, LORA_E_INVALID_ARG, "ckpt_write: NULL argument");
+    for (int64_t i = 0; i < m->n; i++)
+        if (m->t[i].nbytes && !m->t[i].data)
+            return lora_fail(ctx, LORA_E_INVALID_ARG, "%s: tensor \"%s\" has no data", path, m->t[i].name);
+    struct ckpt_stream *cs = NULL;
+    LORA_TRY(ckpt_stream_begin(ctx, path, m, wrap_state_dict, &cs));
+    for (int64_t i = 0; i < m->n; i++) {
+        lora_status s = ckpt_stream_tensor(cs, m->t[i].data, m->t[i].nbytes);
+        if (s) {
+            ckpt_stream_abort(cs);
+            return s;
+        }
+    }
+    return ckpt_stream_finish(cs);
 }
