@@ -1,8 +1,8 @@
 // Image-op primitives of the U-Net / VAE (NCHW fp32), the CUDA side of lib/backend/cpu_image.c:
 // im2col with explicit padding and its adjoint col2im (a gather per input element: no
 // atomics, deterministic), per-row scalar add, row sums, GroupNorm (+ SiLU) forward and input
-// backward (one block per (sample, group), two-pass statistics), nearest 2x upsample and its
-// backward, GEGLU, the sinusoidal timestep embedding and a clamp. Compared with the CPU
+// backward (one block per (sample, group), two-pass statistics), nearest upsample (2x, and
+// to any size) and its backward, GEGLU, the sinusoidal timestep embedding and a clamp. Compared with the CPU
 // backend in tests/cuda/test_cuda_image.c.
 #include <cuda_runtime.h>
 
@@ -160,6 +160,46 @@ __global__ void upsample2x_backward_kernel(int64_t planes, int64_t h, int64_t w,
     }
 }
 
+// PyTorch 1.13's nearest_idx (see cpu_image.c nearest_src): float32 product, no FMA involved
+__device__ __forceinline__ int64_t nearest_src(int64_t o, int64_t in, int64_t out) {
+    if (out == in) return o;
+    if (out == 2 * in) return o >> 1;
+    float scale = __fdiv_rn((float)in, (float)out);
+    int64_t s = (int64_t)floorf(__fmul_rn((float)o, scale));
+    return s < in - 1 ? s : in - 1;
+}
+
+__device__ __forceinline__ void nearest_range(int64_t s, int64_t in, int64_t out, int64_t *lo, int64_t *hi) {
+    int64_t o = s * out / in;
+    while (o > 0 && nearest_src(o - 1, in, out) >= s) o--;
+    while (o < out && nearest_src(o, in, out) < s) o++;
+    *lo = o;
+    while (o < out && nearest_src(o, in, out) == s) o++;
+    *hi = o;
+}
+
+__global__ void upsample_nearest_kernel(int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                                        const float *x, float *y) {
+    GRID_STRIDE(i, planes * oh * ow) {
+        int64_t ox = i % ow, oy = (i / ow) % oh, p = i / (ow * oh);
+        y[i] = x[(p * h + nearest_src(oy, h, oh)) * w + nearest_src(ox, w, ow)];
+    }
+}
+
+// a gather per dx element, summed in dy's row-major order (the CPU backend's order)
+__global__ void upsample_nearest_backward_kernel(int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                                                 const float *dy, float *dx) {
+    GRID_STRIDE(i, planes * h * w) {
+        int64_t x = i % w, yy = (i / w) % h, p = i / (w * h), r0, r1, c0, c1;
+        nearest_range(yy, h, oh, &r0, &r1);
+        nearest_range(x, w, ow, &c0, &c1);
+        float acc = 0.0f;
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t c = c0; c < c1; c++) acc = __fadd_rn(acc, dy[(p * oh + r) * ow + c]);
+        dx[i] = acc;
+    }
+}
+
 __global__ void geglu_kernel(int64_t n, int64_t inner, const float *x, float *y) {
     GRID_STRIDE(i, n * inner) {
         int64_t r = i / inner, j = i % inner;
@@ -261,6 +301,20 @@ int lk_upsample2x_backward_f32(lora_cuda_stream s, int64_t planes, int64_t h, in
                                float *dx) {
     if (planes * h * w <= 0) return 0;
     upsample2x_backward_kernel<<<grid_for(planes * h * w), kBlock, 0, s>>>(planes, h, w, dy, dx);
+    return launched();
+}
+
+int lk_upsample_nearest_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                            const float *x, float *y) {
+    if (planes * oh * ow <= 0 || h <= 0 || w <= 0) return 0;
+    upsample_nearest_kernel<<<grid_for(planes * oh * ow), kBlock, 0, s>>>(planes, h, w, oh, ow, x, y);
+    return launched();
+}
+
+int lk_upsample_nearest_backward_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, int64_t oh,
+                                     int64_t ow, const float *dy, float *dx) {
+    if (planes * h * w <= 0 || oh <= 0 || ow <= 0) return 0;
+    upsample_nearest_backward_kernel<<<grid_for(planes * h * w), kBlock, 0, s>>>(planes, h, w, oh, ow, dy, dx);
     return launched();
 }
 

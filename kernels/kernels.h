@@ -71,6 +71,10 @@ int lk_groupnorm_backward_f32(lora_cuda_stream s, int64_t batch, int64_t c, int6
 int lk_upsample2x_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, const float *x, float *y);
 int lk_upsample2x_backward_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, const float *dy,
                                float *dx);
+int lk_upsample_nearest_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow,
+                            const float *x, float *y);
+int lk_upsample_nearest_backward_f32(lora_cuda_stream s, int64_t planes, int64_t h, int64_t w, int64_t oh,
+                                     int64_t ow, const float *dy, float *dx);
 int lk_geglu_f32(lora_cuda_stream s, int64_t n, int64_t inner, const float *x, float *y);
 int lk_geglu_backward_f32(lora_cuda_stream s, int64_t n, int64_t inner, const float *x, const float *dy, float *dx);
 int lk_timestep_embedding_f32(lora_cuda_stream s, int64_t batch, int64_t dim, const float *t, int flip,

@@ -155,6 +155,16 @@ struct lora_backend_iface {
                                   const float *x, float *y);
     lora_status (*upsample2x_backward_f32)(struct lora_backend_impl *be, int64_t planes, int64_t h,
                                            int64_t w, const float *dy, float *dx);
+    /* nearest resize of `planes` planes h x w -> oh x ow (F.interpolate(size=(oh, ow),
+     * mode="nearest") of PyTorch 1.13: source row min(floor(r * (float)h / oh), h - 1) in
+     * float32, exactly r when oh == h and r / 2 when oh == 2h; columns alike). The backward
+     * sums into each dx element the dy elements that read it, in row-major order of dy (dx
+     * written). NULL in a backend: callers fall back to upsample2x when the sizes are 2x. */
+    lora_status (*upsample_nearest_f32)(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                        int64_t w, int64_t oh, int64_t ow, const float *x, float *y);
+    lora_status (*upsample_nearest_backward_f32)(struct lora_backend_impl *be, int64_t planes,
+                                                 int64_t h, int64_t w, int64_t oh, int64_t ow,
+                                                 const float *dy, float *dx);
     /* GEGLU: x [n, 2*inner] = [hidden | gate] -> y [n, inner] = hidden * gelu(gate) (erf gelu);
      * backward writes dx [n, 2*inner]. */
     lora_status (*geglu_f32)(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x,

@@ -1,6 +1,6 @@
 /* CPU image-op primitives: im2col/col2im with explicit padding, per-row scalar add and row
- * sums, GroupNorm (+ fused SiLU) forward/backward, nearest 2x upsample, GEGLU, sinusoidal
- * timestep embedding. Loops over independent rows/planes run with OpenMP. */
+ * sums, GroupNorm (+ fused SiLU) forward/backward, nearest upsample (2x, and to any size),
+ * GEGLU, sinusoidal timestep embedding. Loops over independent rows/planes run with OpenMP. */
 #include <math.h>
 #include <string.h>
 
@@ -203,6 +203,63 @@ lora_status cpu_upsample2x_backward_f32(struct lora_backend_impl *be, int64_t pl
             float *d = dx + (p * h + i) * w;
             const float *y0 = dy + (p * 2 * h + 2 * i) * 2 * w, *y1 = y0 + 2 * w;
             for (int64_t j = 0; j < w; j++) d[j] = (y0[2 * j] + y0[2 * j + 1]) + (y1[2 * j] + y1[2 * j + 1]);
+        }
+    return LORA_OK;
+}
+
+/* PyTorch 1.13's nearest source index (UpSample.h nearest_idx): the 1x and 2x cases exact,
+ * otherwise floor(o * (float)in / out) in float32, clamped. */
+static int64_t nearest_src(int64_t o, int64_t in, int64_t out) {
+    if (out == in) return o;
+    if (out == 2 * in) return o >> 1;
+    float scale = (float)in / (float)out;
+    int64_t s = (int64_t)floorf((float)o * scale);
+    return s < in - 1 ? s : in - 1;
+}
+
+/* [*lo, *hi): the outputs reading source index s (the map is monotone) */
+static void nearest_range(int64_t s, int64_t in, int64_t out, int64_t *lo, int64_t *hi) {
+    int64_t o = s * out / in;
+    while (o > 0 && nearest_src(o - 1, in, out) >= s) o--;
+    while (o < out && nearest_src(o, in, out) < s) o++;
+    *lo = o;
+    while (o < out && nearest_src(o, in, out) == s) o++;
+    *hi = o;
+}
+
+lora_status cpu_upsample_nearest_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                     int64_t w, int64_t oh, int64_t ow, const float *x, float *y) {
+    if (planes < 0 || h < 1 || w < 1 || oh < 1 || ow < 1) return bad(be, "upsample nearest");
+    int nt = lora_threads(be->ctx);
+#pragma omp parallel for num_threads(nt) if (planes * oh * ow > PAR_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t i = 0; i < oh; i++) {
+            const float *xs = x + (p * h + nearest_src(i, h, oh)) * w;
+            float *yr = y + (p * oh + i) * ow;
+            for (int64_t j = 0; j < ow; j++) yr[j] = xs[nearest_src(j, w, ow)];
+        }
+    return LORA_OK;
+}
+
+lora_status cpu_upsample_nearest_backward_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                              int64_t w, int64_t oh, int64_t ow, const float *dy,
+                                              float *dx) {
+    if (planes < 0 || h < 1 || w < 1 || oh < 1 || ow < 1) return bad(be, "upsample nearest backward");
+    int nt = lora_threads(be->ctx);
+    /* a gather per dx element over its dy rectangle, summed row-major (the CUDA kernel's order) */
+#pragma omp parallel for num_threads(nt) if (planes * oh * ow > PAR_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t i = 0; i < h; i++) {
+            int64_t r0, r1;
+            nearest_range(i, h, oh, &r0, &r1);
+            for (int64_t j = 0; j < w; j++) {
+                int64_t c0, c1;
+                nearest_range(j, w, ow, &c0, &c1);
+                float acc = 0.0f;
+                for (int64_t r = r0; r < r1; r++)
+                    for (int64_t c = c0; c < c1; c++) acc += dy[(p * oh + r) * ow + c];
+                dx[(p * h + i) * w + j] = acc;
+            }
         }
     return LORA_OK;
 }

@@ -27,6 +27,11 @@ lora_status cpu_upsample2x_f32(struct lora_backend_impl *be, int64_t planes, int
                                const float *x, float *y);
 lora_status cpu_upsample2x_backward_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
                                         int64_t w, const float *dy, float *dx);
+lora_status cpu_upsample_nearest_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                     int64_t w, int64_t oh, int64_t ow, const float *x, float *y);
+lora_status cpu_upsample_nearest_backward_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                              int64_t w, int64_t oh, int64_t ow, const float *dy,
+                                              float *dx);
 lora_status cpu_geglu_f32(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x,
                           float *y);
 lora_status cpu_geglu_backward_f32(struct lora_backend_impl *be, int64_t n, int64_t inner,

@@ -438,6 +438,20 @@ static lora_status cuda_upsample2x_backward_f32(struct lora_backend_impl *be, in
     if (planes < 0 || h < 1 || w < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda upsample2x backward: bad shape");
     LAUNCH(be, lk_upsample2x_backward_f32(stream_of(be), planes, h, w, dy, dx), "upsample2x backward");
 }
+static lora_status cuda_upsample_nearest_f32(struct lora_backend_impl *be, int64_t planes, int64_t h, int64_t w,
+                                             int64_t oh, int64_t ow, const float *x, float *y) {
+    if (planes < 0 || h < 1 || w < 1 || oh < 1 || ow < 1)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda upsample nearest: bad shape");
+    LAUNCH(be, lk_upsample_nearest_f32(stream_of(be), planes, h, w, oh, ow, x, y), "upsample nearest");
+}
+static lora_status cuda_upsample_nearest_backward_f32(struct lora_backend_impl *be, int64_t planes, int64_t h,
+                                                      int64_t w, int64_t oh, int64_t ow, const float *dy,
+                                                      float *dx) {
+    if (planes < 0 || h < 1 || w < 1 || oh < 1 || ow < 1)
+        return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda upsample nearest backward: bad shape");
+    LAUNCH(be, lk_upsample_nearest_backward_f32(stream_of(be), planes, h, w, oh, ow, dy, dx),
+           "upsample nearest backward");
+}
 static lora_status cuda_geglu_f32(struct lora_backend_impl *be, int64_t n, int64_t inner, const float *x, float *y) {
     if (n < 0 || inner < 1) return lora_fail(be->ctx, LORA_E_INVALID_ARG, "cuda geglu: bad shape");
     LAUNCH(be, lk_geglu_f32(stream_of(be), n, inner, x, y), "geglu");
@@ -502,6 +516,8 @@ static const struct lora_backend_iface cuda_iface = {
     .groupnorm_backward_f32 = cuda_groupnorm_backward_f32,
     .upsample2x_f32 = cuda_upsample2x_f32,
     .upsample2x_backward_f32 = cuda_upsample2x_backward_f32,
+    .upsample_nearest_f32 = cuda_upsample_nearest_f32,
+    .upsample_nearest_backward_f32 = cuda_upsample_nearest_backward_f32,
     .geglu_f32 = cuda_geglu_f32,
     .geglu_backward_f32 = cuda_geglu_backward_f32,
     .timestep_embedding_f32 = cuda_timestep_embedding_f32,

@@ -150,7 +150,7 @@ void gen_vae_free(struct gen_vae *v);
 struct gen_job {
     const char *prompt;
     const char *negative;           /* NULL: "" (kohya's default) */
-    int64_t width, height;          /* pixels, multiples of 8 * 2^(U-Net levels - 1) */
+    int64_t width, height;          /* pixels, multiples of 8 (the VAE factor) */
     int32_t steps;
     double scale;                   /* classifier-free guidance; <= 1: none */
     double negative_scale;          /* kohya's --negative_scale; used when has_negative_scale */

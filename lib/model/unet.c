@@ -190,29 +190,41 @@ const char *const unet_target_names[UNET_T_N] = {
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"};
 
+/* Latent size per level: Downsample2D (3x3, stride 2, padding 1) gives ceil(previous / 2), so
+ * any size >= 1 works; a level's Upsample2D resizes to the size of the level above. */
+static void level_sizes(const struct unet_model *m, int64_t h, int64_t w, int64_t *lh, int64_t *lw) {
+    lh[0] = h;
+    lw[0] = w;
+    for (int64_t i = 1; i < m->levels; i++) {
+        lh[i] = (lh[i - 1] + 1) / 2;
+        lw[i] = (lw[i - 1] + 1) / 2;
+    }
+}
+
 /* Saved block inputs of the train forward, in forward order: down (resnet in, xf in), mid
  * (r0 in, xf in, r1 in), up (resnet in before the concat, xf in), norm_out in. Calls f(ctx,
  * floats) per slot. */
 static int64_t slot_sizes(const struct unet_model *m, int64_t B, int64_t h, int64_t w, int64_t *sz) {
     int64_t n = 0, L = m->levels, chs[UNET_MAX_SKIPS], ns = skip_channels(m, chs), cur = m->ch[0];
+    int64_t lh[SD_MAX_LEVELS], lw[SD_MAX_LEVELS];
+    level_sizes(m, h, w, lh, lw);
     for (int64_t i = 0; i < L; i++) {
+        int64_t hw = lh[i] * lw[i];
         for (int64_t j = 0; j < m->layers; j++) {
-            sz[n++] = B * cur * h * w;
+            sz[n++] = B * cur * hw;
             cur = m->ch[i];
-            if (m->attn[i]) sz[n++] = B * cur * h * w;
+            if (m->attn[i]) sz[n++] = B * cur * hw;
         }
-        if (i < L - 1) { h /= 2; w /= 2; }
     }
-    for (int k = 0; k < 3; k++) sz[n++] = B * cur * h * w;
+    for (int k = 0; k < 3; k++) sz[n++] = B * cur * lh[L - 1] * lw[L - 1];
     for (int64_t i = 0; i < L; i++) {
-        int64_t lv = L - 1 - i, C = m->ch[lv];
+        int64_t lv = L - 1 - i, C = m->ch[lv], hw = lh[lv] * lw[lv];
         for (int64_t j = 0; j <= m->layers; j++) {
             ns--;
-            sz[n++] = B * cur * h * w;
+            sz[n++] = B * cur * hw;
             cur = C;
-            if (m->attn[lv]) sz[n++] = B * C * h * w;
+            if (m->attn[lv]) sz[n++] = B * C * hw;
         }
-        if (i < L - 1) { h *= 2; w *= 2; }
     }
     sz[n++] = B * cur * h * w;
     return n;
@@ -241,10 +253,12 @@ static void xsave_take(struct cursor *cur, struct unet_plan *p, struct unet_xsav
 static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int64_t B, int64_t h, int64_t w,
                             int64_t T, char *base) {
     int64_t maxc = m->in_ch > m->out_ch ? m->in_ch : m->out_ch, maxh = 1, tokf = 1;
+    int64_t lh[SD_MAX_LEVELS], lw[SD_MAX_LEVELS];
+    level_sizes(m, h, w, lh, lw);
     for (int64_t i = 0; i < m->levels; i++) {
         if (m->ch[i] > maxc) maxc = m->ch[i];
         if (m->heads[i] > maxh) maxh = m->heads[i];
-        int64_t lhw = (h >> i) * (w >> i);
+        int64_t lhw = lh[i] * lw[i];
         if ((m->attn[i] || i == m->levels - 1) && B * lhw * m->ch[i] > tokf) tokf = B * lhw * m->ch[i];
     }
     int64_t hw = h * w, tk = hw > T ? hw : T;
@@ -257,7 +271,7 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
     for (int64_t i = 0; i < m->levels; i++) {
         int64_t a = i ? (m->ch[i - 1] > m->ch[i] ? m->ch[i - 1] : m->ch[i]) : m->ch[i];
         int64_t b = i + 1 < m->levels ? (m->ch[i + 1] > m->ch[i] ? m->ch[i + 1] : m->ch[i]) : m->ch[i];
-        int64_t n = B * (h >> i) * (w >> i) * (a + b), r = 9 * (a + b) * (w >> i);
+        int64_t n = B * lh[i] * lw[i] * (a + b), r = 9 * (a + b) * lw[i];
         if (n > act) act = n;
         if (r > rowc) rowc = r;
     }
@@ -283,16 +297,16 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
     p->lnm = take(cur, B * hw);
     p->lnr = take(cur, B * hw);
     p->tvec = take(cur, B);
-    int64_t chs[UNET_MAX_SKIPS], ns = skip_channels(m, chs), k = 0, lh = h, lw = w;
+    int64_t chs[UNET_MAX_SKIPS], ns = skip_channels(m, chs), k = 0;
     int64_t skf[UNET_MAX_SKIPS];
-    skf[k] = B * chs[k] * lh * lw;
+    skf[k] = B * chs[k] * h * w;
     p->skip[k] = take(cur, skf[k]);
     k++;
     for (int64_t i = 0; i < m->levels; i++) {
-        for (int64_t j = 0; j < m->layers; j++, k++) p->skip[k] = take(cur, skf[k] = B * chs[k] * lh * lw);
+        for (int64_t j = 0; j < m->layers; j++, k++)
+            p->skip[k] = take(cur, skf[k] = B * chs[k] * lh[i] * lw[i]);
         if (i < m->levels - 1) {
-            lh /= 2; lw /= 2;
-            p->skip[k] = take(cur, skf[k] = B * chs[k] * lh * lw);
+            p->skip[k] = take(cur, skf[k] = B * chs[k] * lh[i + 1] * lw[i + 1]);
             k++;
         }
     }
@@ -321,13 +335,14 @@ static uint64_t plan_layout(struct unet_plan *p, const struct unet_model *m, int
             int64_t n = 0, L = m->levels;
             for (int64_t i = 0; i < L; i++)
                 if (m->attn[i])
-                    for (int64_t j = 0; j < m->layers; j++) xsave_take(cur, p, &p->xs[n++], B, (h >> i) * (w >> i), m->ch[i], T, m->groups);
-            xsave_take(cur, p, &p->xs[n++], B, (h >> (L - 1)) * (w >> (L - 1)), m->ch[L - 1], T, m->groups);
+                    for (int64_t j = 0; j < m->layers; j++)
+                        xsave_take(cur, p, &p->xs[n++], B, lh[i] * lw[i], m->ch[i], T, m->groups);
+            xsave_take(cur, p, &p->xs[n++], B, lh[L - 1] * lw[L - 1], m->ch[L - 1], T, m->groups);
             for (int64_t i = 0; i < L; i++) {
                 int64_t lv = L - 1 - i;
                 if (m->attn[lv])
                     for (int64_t j = 0; j <= m->layers; j++)
-                        xsave_take(cur, p, &p->xs[n++], B, (h >> lv) * (w >> lv), m->ch[lv], T, m->groups);
+                        xsave_take(cur, p, &p->xs[n++], B, lh[lv] * lw[lv], m->ch[lv], T, m->groups);
             }
         }
         for (int t = 0; t < 2; t++) { p->rm[t] = take(cur, B * m->groups); p->rr[t] = take(cur, B * m->groups); }
@@ -343,12 +358,12 @@ lora_status unet_plan_init_ex(struct unet_plan *p, const struct unet_model *m, i
                               int64_t h, int64_t w, int64_t tokens, int train, int64_t max_rank) {
     memset(p, 0, sizeof *p);
     if (!m || !m->be) return LORA_E_INVALID_ARG;
-    int64_t f = (int64_t)1 << (m->levels - 1);
-    if (batch < 1 || tokens < 1 || h < f || w < f || h % f || w % f || batch > (1 << 16) || h > (1 << 14) ||
-        w > (1 << 14) || tokens > (1 << 16) || max_rank < 0 || max_rank > (1 << 16))
+    /* any latent size: odd levels take ceil(n / 2) and the upsamplers resize to the skip */
+    if (batch < 1 || tokens < 1 || h < 1 || w < 1 || batch > (1 << 16) || h > (1 << 14) || w > (1 << 14) ||
+        tokens > (1 << 16) || max_rank < 0 || max_rank > (1 << 16))
         return lora_fail(m->be->ctx, LORA_E_INVALID_ARG,
-                         "unet plan: batch %lld, latent %lldx%lld (a multiple of %lld), %lld tokens is invalid",
-                         (long long)batch, (long long)h, (long long)w, (long long)f, (long long)tokens);
+                         "unet plan: batch %lld, latent %lldx%lld, %lld tokens is invalid", (long long)batch,
+                         (long long)h, (long long)w, (long long)tokens);
     if (train < 0 || train > UNET_TRAIN_SAVE_ALL || m->n_xf > 64)
         return lora_fail(m->be->ctx, LORA_E_INVALID_ARG, "unet plan: train mode %d is invalid", train);
     p->train = train;
@@ -704,6 +719,8 @@ lora_status unet_forward(struct unet_plan *p, const float *sample, const float *
     struct img_ws *ws = &p->ws;
     struct img_ctx c = {be, ws, m->groups, 1e-5f};
     int64_t B = p->batch, h = p->h, w = p->w, L = m->levels, c0 = m->ch[0], sl = 0;
+    int64_t lh[SD_MAX_LEVELS], lw[SD_MAX_LEVELS];
+    level_sizes(m, h, w, lh, lw);
     float *x0 = ws->buf[0], *x1 = ws->buf[1];
     p->ctx = context;
     /* time embedding: sin/cos -> linear_1 -> SiLU -> linear_2; resnets take SiLU(temb) */
@@ -738,7 +755,7 @@ lora_status unet_forward(struct unet_plan *p, const float *sample, const float *
         }
         if (i < L - 1) {
             LORA_TRY(img_convm(&c, x1, x0, m->dconv_w[i], m->dconv_b[i], B, C, h, w, C, 3, 2, 1));
-            h /= 2; w /= 2;
+            h = lh[i + 1]; w = lw[i + 1];
             LORA_TRY(be->iface->copy(be, x0, x1, (size_t)(B * C * h * w) * 4));
             LORA_TRY(be->iface->copy(be, p->skip[ns++], x0, (size_t)(B * C * h * w) * 4));
         }
@@ -768,8 +785,10 @@ lora_status unet_forward(struct unet_plan *p, const float *sample, const float *
             cur = C;
         }
         if (i < L - 1) {
-            LORA_TRY(nn_upsample2x_forward(be, x1, x0, B * C, h, w));
-            h *= 2; w *= 2;
+            /* diffusers passes the next skip's size when a side is not a multiple of 2^(L-1);
+             * otherwise scale_factor 2: both are lh[lv - 1] x lw[lv - 1] */
+            LORA_TRY(nn_upsample_nearest_forward(be, x1, x0, B * C, h, w, lh[lv - 1], lw[lv - 1]));
+            h = lh[lv - 1]; w = lw[lv - 1];
             LORA_TRY(img_convm(&c, x0, x1, m->uconv_w[i], m->uconv_b[i], B, C, h, w, C, 3, 1, 1));
         }
     }
@@ -790,7 +809,9 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
     struct img_ws *ws = &p->ws;
     struct img_ctx c = {be, ws, m->groups, 1e-5f};
     int64_t B = p->batch, L = m->levels, c0 = m->ch[0], sl = p->nslot;
-    int64_t h = p->h >> (L - 1), w = p->w >> (L - 1);
+    int64_t lh[SD_MAX_LEVELS], lw[SD_MAX_LEVELS];
+    level_sizes(m, p->h, p->w, lh, lw);
+    int64_t h, w;
     const float *temb = ws->vec[0], *context = p->ctx;
     float *g = ws->buf[4], *gn = ws->buf[5], *xin = ws->buf[0];
 #define SWAP() do { float *t_ = g; g = gn; gn = t_; } while (0)
@@ -807,7 +828,6 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
     /* up blocks, in reverse */
     int64_t chs[UNET_MAX_SKIPS], nsk = skip_channels(m, chs), ns = 0;
     (void)nsk;
-    int64_t lh = h, lw = w;
     /* the skip index each up resnet consumed: forward pops from the end */
     int64_t pop[SD_MAX_LEVELS][IMG_MAX_LAYERS + 1], prevc[SD_MAX_LEVELS][IMG_MAX_LAYERS + 1];
     {
@@ -827,8 +847,8 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
         if (i < L - 1) {
             struct nn_conv2d_shape su = {B, C, h, w, C, 3, 1, 1, 1, 1, 1};
             LORA_TRY(conv_b(&c, &su, gn, g, m->uconv_w[i], 0));
-            h /= 2; w /= 2;
-            LORA_TRY(nn_upsample2x_backward(be, g, gn, B * C, h, w));
+            h = lh[lv]; w = lw[lv];
+            LORA_TRY(nn_upsample_nearest_backward(be, g, gn, B * C, h, w, lh[lv - 1], lw[lv - 1]));
         }
         int64_t hw = h * w;
         for (int64_t j = m->layers; j >= 0; j--) {
@@ -844,7 +864,6 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
             LORA_TRY(nn_concat_channels_backward(be, g, p->dskip[k], gn, B, cp, sk, hw, 0));
         }
     }
-    (void)lh; (void)lw;
     /* mid */
     int64_t top = m->ch[L - 1];
     {
@@ -865,10 +884,10 @@ lora_status unet_backward(struct unet_plan *p, const float *dout, float *d_sampl
         if (i < L - 1) {
             k--;
             LORA_TRY(be->iface->axpby_f32(be, B * C * h * w, 1.0f, p->dskip[k], 1.0f, g));
-            struct nn_conv2d_shape sd = {B, C, 2 * h, 2 * w, C, 3, 2, 1, 1, 1, 1};
+            struct nn_conv2d_shape sd = {B, C, lh[i], lw[i], C, 3, 2, 1, 1, 1, 1};
             LORA_TRY(conv_b(&c, &sd, gn, g, m->dconv_w[i], 0));
             SWAP();
-            h *= 2; w *= 2;
+            h = lh[i]; w = lw[i];
         }
         int64_t hw = h * w;
         for (int64_t j = m->layers - 1; j >= 0; j--) {

@@ -4,7 +4,11 @@
  * SiLU + conv_out. proj_in/proj_out as 1x1 conv or Linear (the same arithmetic).
  *
  *   unet_init(&m, be, &sd->unet, &sd->cfg)
- *   unet_plan_init(&p, &m, batch, h, w, tokens)     latent h x w (multiples of 2^(levels-1))
+ *   unet_plan_init(&p, &m, batch, h, w, tokens)     latent h x w (any size >= 1: a level is
+ *                                                   ceil(previous / 2); with a side that is not
+ *                                                   a multiple of 2^(levels-1) each upsampler
+ *                                                   resizes to its skip's size, as diffusers'
+ *                                                   forward_upsample_size does)
  *   unet_forward(&p, sample, timesteps, context, out)
  * sample/out [batch, in/out ch, h, w], context [batch, tokens, context_dim]: buffers of the
  * backend; timesteps: host floats [batch].

@@ -1,5 +1,5 @@
 /* Image ops of the U-Net and the VAE on NCHW fp32 (see nn.h): conv2d as im2col + GEMM with a
- * col2im backward, GroupNorm (+ SiLU), nearest 2x upsample, channel concat, per-channel
+ * col2im backward, GroupNorm (+ SiLU), nearest upsample, channel concat, per-channel
  * adds, GEGLU, the sinusoidal timestep embedding and the 1x1 projections between NCHW and
  * token layouts. Weights are frozen: only input gradients. */
 #include "backend/backend.h"
@@ -176,6 +176,23 @@ lora_status nn_upsample2x_backward(struct lora_backend_impl *be, float *dx, cons
     if (planes < 0 || h < 1 || w < 1) return bad_shape(be, "upsample2x backward");
     NEED(be, upsample2x_backward_f32, "upsample2x backward");
     return planes ? be->iface->upsample2x_backward_f32(be, planes, h, w, dy, dx) : LORA_OK;
+}
+
+lora_status nn_upsample_nearest_forward(struct lora_backend_impl *be, float *y, const float *x,
+                                        int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow) {
+    if (planes < 0 || h < 1 || w < 1 || oh < 1 || ow < 1) return bad_shape(be, "upsample nearest");
+    /* exact 2x (every 64-multiple image): the 2x kernel, the same values, the hot path */
+    if (oh == 2 * h && ow == 2 * w) return nn_upsample2x_forward(be, y, x, planes, h, w);
+    NEED(be, upsample_nearest_f32, "upsample nearest");
+    return planes ? be->iface->upsample_nearest_f32(be, planes, h, w, oh, ow, x, y) : LORA_OK;
+}
+
+lora_status nn_upsample_nearest_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                         int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow) {
+    if (planes < 0 || h < 1 || w < 1 || oh < 1 || ow < 1) return bad_shape(be, "upsample nearest backward");
+    if (oh == 2 * h && ow == 2 * w) return nn_upsample2x_backward(be, dx, dy, planes, h, w);
+    NEED(be, upsample_nearest_backward_f32, "upsample nearest backward");
+    return planes ? be->iface->upsample_nearest_backward_f32(be, planes, h, w, oh, ow, dy, dx) : LORA_OK;
 }
 
 lora_status nn_concat_channels(struct lora_backend_impl *be, float *y, const float *a,

@@ -180,6 +180,14 @@ lora_status nn_upsample2x_forward(struct lora_backend_impl *be, float *y, const 
                                   int64_t planes, int64_t h, int64_t w);
 lora_status nn_upsample2x_backward(struct lora_backend_impl *be, float *dx, const float *dy,
                                    int64_t planes, int64_t h, int64_t w);
+/* Nearest resize to oh x ow (F.interpolate(size=(oh, ow), mode="nearest"), PyTorch 1.13
+ * index rule: see backend.h upsample_nearest_f32): the U-Net's Upsample2D when a latent side
+ * is not a multiple of 2^(levels-1) (diffusers' forward_upsample_size). Exactly 2x on both
+ * sides runs nn_upsample2x_*. The backward writes dx [planes, h, w]. */
+lora_status nn_upsample_nearest_forward(struct lora_backend_impl *be, float *y, const float *x,
+                                        int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow);
+lora_status nn_upsample_nearest_backward(struct lora_backend_impl *be, float *dx, const float *dy,
+                                         int64_t planes, int64_t h, int64_t w, int64_t oh, int64_t ow);
 
 /* Channel concat (torch.cat(dim=1)): y [batch, ca+cb, hw] = [a | b]; the backward splits dy
  * into da [batch, ca, hw] and db [batch, cb, hw] (either NULL: skipped), written or, with

@@ -112,6 +112,17 @@ static void test_primitives(void) {
     CHECK_STATUS(cpu->iface->upsample2x_backward_f32(cpu, B * C, H, W, hub, hy), LORA_OK);
     CHECK_STATUS(gpu->iface->upsample2x_backward_f32(gpu, B * C, H, W, dub, dyy), LORA_OK);
     same("upsample2x backward", dyy, hy, N, TOL_EW);
+    /* nearest resize to sizes that are not 2x (the U-Net at odd latent sizes) */
+    const int64_t rs_hw[2][2] = {{2 * H - 1, 2 * W - 1}, {H, W + 1}};
+    for (int k = 0; k < 2; k++) {
+        int64_t oh = rs_hw[k][0], ow = rs_hw[k][1];
+        CHECK_STATUS(cpu->iface->upsample_nearest_f32(cpu, B * C, H, W, oh, ow, x, hu), LORA_OK);
+        CHECK_STATUS(gpu->iface->upsample_nearest_f32(gpu, B * C, H, W, oh, ow, dx_, du), LORA_OK);
+        same("upsample nearest", du, hu, B * C * oh * ow, 0);
+        CHECK_STATUS(cpu->iface->upsample_nearest_backward_f32(cpu, B * C, H, W, oh, ow, hub, hy), LORA_OK);
+        CHECK_STATUS(gpu->iface->upsample_nearest_backward_f32(gpu, B * C, H, W, oh, ow, dub, dyy), LORA_OK);
+        same("upsample nearest backward", dyy, hy, N, TOL_EW);
+    }
     /* GEGLU: x as [N/2, 2 * inner] */
     int64_t inner = HW, rows = N / (2 * inner);
     CHECK_STATUS(cpu->iface->geglu_f32(cpu, rows, inner, x, hy), LORA_OK);

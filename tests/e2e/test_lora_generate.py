@@ -230,8 +230,19 @@ def main():
         # errors: unknown sampler, bad size
         r = run(base + ["--prompt", "x", "--sampler", "ddpm"])
         check(r.returncode != 0 and "sampler" in r.stderr, "unknown sampler refused")
-        r = run(base + ["--prompt", "x", "--W", "72"])
-        check(r.returncode != 0 and "multiples of 64" in r.stderr, "W 72 refused")
+        r = run(base + ["--prompt", "x", "--W", "68"])
+        check(r.returncode != 0 and "multiples of 8" in r.stderr, "W 68 refused")
+        # any multiple of 8 runs (the U-Net resizes its upsamples to the skips, as diffusers)
+        out5 = os.path.join(tmp, "out5")
+        r = run([a if a != out else out5 for a in base] + ["--prompt", "x", "--W", "72", "--H", "56",
+                                                            "--steps", "2"])
+        check(r.returncode == 0, "W 72 H 56 exits 0: %s" % r.stderr[-300:])
+        files = r.stdout.split()
+        if files:
+            w, h, _, _ = read_png(files[0])
+            check((w, h) == (72, 56), "72x56 image: %dx%d" % (w, h))
+        else:
+            check(False, "72x56 image written")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("test_lora_generate: %d passed, %d failed" % (passed, failed))

@@ -42,7 +42,7 @@ static void test_unet(lora_model *model, const struct lora_file *f, int ver) {
     compare(ver, "unet_predict (float t)", out, ref_f32(f, "unet.out_timestep_float", NULL), ns);
     /* errors */
     CHECK_STATUS(lora_model_unet_predict(model, x, B, h, w, t, ctxt, T, out, (uint64_t)ns - 1), LORA_E_LIMIT);
-    CHECK_STATUS(lora_model_unet_predict(model, x, 1, 6, 8, t, ctxt, T, out, (uint64_t)ns), LORA_E_CONFIG_RANGE);
+    CHECK_STATUS(lora_model_unet_predict(model, x, 1, 0, 8, t, ctxt, T, out, (uint64_t)ns), LORA_E_CONFIG_RANGE);
     CHECK_STATUS(lora_model_unet_predict(model, x, 0, h, w, t, ctxt, T, out, (uint64_t)ns), LORA_E_CONFIG_RANGE);
     CHECK_STATUS(lora_model_unet_predict(model, x, 1, h, w, t, ctxt, 0, out, (uint64_t)ns), LORA_E_CONFIG_RANGE);
     CHECK_STATUS(lora_model_unet_predict(model, NULL, 1, h, w, t, ctxt, T, out, (uint64_t)ns), LORA_E_INVALID_ARG);
