@@ -2,7 +2,8 @@
  * from bench/load_peer.py) on the CPU backend: seconds per CFG sampling step (U-Net batch 2:
  * negative + prompt), the VAE decode, peak memory, and the cost of a LoRA attached at run time
  * against the same LoRA merged (a rank-`dim` network on every kohya target, random factors),
- * as seconds per step and their ratio. Steps are timed from the progress callback (the first
+ * as seconds per step and their ratio, with the peak memory after the runtime run (VmHWM: the
+ * plain run's peak included). Steps are timed from the progress callback (the first
  * step, which includes the weight conversion, is left out). Prints "# ..." lines and
  * "name seconds"; scripts/bench.sh generate pairs them with bench/generate_peer.py (diffusers
  * StableDiffusionPipeline on PyTorch CPU). Not a test.
@@ -99,7 +100,8 @@ int main(int argc, char **argv) {
     printf("gen_cfg_step %.3f\n", step);
     printf("gen_vae_decode %.3f\n", decode);
 
-    /* a LoRA on every target: runtime (float32 copies of the touched weights) vs merged */
+    /* a LoRA on every target: runtime (low-rank branches on the borrowed 16-bit weights, as
+     * kohya's runtime forward) vs merged */
     lora_params *np = NULL;
     lora_params_create(ctx, &np);
     lora_params_set_int(np, LORA_P_NETWORK_DIM, 16);
@@ -114,6 +116,10 @@ int main(int argc, char **argv) {
         return 1;
     }
     double rt = run(ctx, model, p, NULL);
+    int64_t nmod = 0;
+    lora_network_get_int(net, LORA_NETWORK_MODULES, &nmod);
+    printf("# peak RSS after the runtime-LoRA run (rank 16 on all %lld modules): %.2f GiB\n", (long long)nmod,
+           vm_hwm_kb() / 1048576.0);
     printf("gen_lora_runtime_step %.3f\n", rt);
     lora_model_detach(model, net);
     lora_model_attach(model, net, 1.0, LORA_APPLY_MERGE);

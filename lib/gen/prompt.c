@@ -9,6 +9,7 @@
 #include "model/clip.h"
 #include "model/sd_model.h"
 #include "model/tokenizer.h"
+#include "network/network.h"
 
 /* ---- parse_prompt_attention ------------------------------------------------------------- */
 
@@ -427,11 +428,19 @@ lora_status gen_prompt_encode_ex(struct lora_model *model, const char *prompt, c
     struct clip_plan plan;
     memset(&plan, 0, sizeof plan);
     int planned = 0;
+    /* networks attached at run time act as low-rank branches (lib/network/attach.c) */
+    const struct nn_lora **att = NULL;
+    if (s == LORA_OK && !o.te_lora && attach_has_lowrank(model, 1)) {
+        att = lora_malloc(ctx, (size_t)(model->te_run->layers * CLIP_N_SLOTS) * sizeof *att);
+        s = att ? attach_te_adapters(model, model->te_run->layers, att, &o.te_lora_max_rank) : LORA_E_NOMEM;
+        o.te_lora = att;
+    }
     if (s == LORA_OK) s = clip_plan_init(&plan, model->te_run, n_text * m, TOK_CHUNK, o.te_lora ? o.te_lora_max_rank : 0, 0);
     planned = s == LORA_OK;
     if (s == LORA_OK) s = clip_forward(&plan, chunk_ids, o.te_lora, o.clip_skip);
     if (s == LORA_OK) s = clip_download_output(&plan, enc, NULL);
     if (planned) clip_plan_free(&plan);
+    lora_free(ctx, (void *)att);
     for (int k = 0; k < n_text && s == LORA_OK; k++)
         s = reweight(ctx, k ? "negative prompt" : "prompt", enc + k * T * D, wpos + k * T, T, D);
     float *out[2] = {NULL, NULL};

@@ -1,19 +1,33 @@
 /* Several LoRA networks applied to one model at run time, swappable without reloading
- * (lora_model_attach / lora_model_set_multiplier / lora_model_detach): the backup scheme of
- * AUTOMATIC1111's Lora extension, made exact. The model code never sees a network: each base
- * weight a network touches is replaced in the model's map by a float32 buffer holding
- *     W = base + sum_i m_i * (alpha_i / r_i) * up_i @ down_i
- * rebuilt from the untouched original on every change (no accumulated rounding), and the
- * cached fp32 runs are dropped so the next U-Net / VAE / text-encoder call rebuilds from it.
- * The float32 buffer also means a float16 checkpoint gets kohya's runtime result (an fp32
- * forward adding the LoRA branch) instead of a sum rounded to float16. */
+ * (lora_model_attach / lora_model_set_multiplier / lora_model_detach), as kohya's LoRANetwork
+ * applies them at run time: the base weights stay as loaded and each attached module adds
+ * multiplier * alpha/rank * up(down(x)) to its layer's output.
+ *  - Weights with an adapter slot in the model code (U-Net transformer Linear / 1x1
+ *    projections: unet_adapters; CLIP linears: clip_forward's lora array) get a low-rank branch:
+ *    the modules of all attached networks on one weight are stacked into one nn_lora of rank
+ *    sum(r_i) (down rows stacked, up columns scaled by m_i alpha_i/r_i, scale 1), rebuilt
+ *    (cheaply) on every change. The base weight is untouched: the U-Net keeps borrowing the
+ *    checkpoint's 16-bit matrices, so attaching costs only the factors.
+ *  - Every other weight a network touches (LoCon 3x3 / resnet convs, ...) is replaced in the
+ *    model's map by a float32 buffer holding W = base + sum_i m_i * (alpha_i / r_i) * up_i @ down_i,
+ *    rebuilt from the untouched original on every change (no accumulated rounding): the backup
+ *    scheme of AUTOMATIC1111's Lora extension, made exact.
+ * The cached fp32 runs are dropped on every change, so the next U-Net / VAE / text-encoder call
+ * rebuilds from the maps and picks up the branches (attach_unet_adapters / attach_te_adapters).
+ * Either way a float16 checkpoint gets kohya's runtime result (fp32 forward plus the LoRA
+ * branch) instead of a sum rounded to float16; a save writes the merged weights
+ * (attach_merged_map). */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
 #include <cblas.h>
 
+#include "backend/backend.h"
+#include "core/checked.h"
 #include "core/dtype.h"
+#include "model/clip.h"
+#include "model/unet.h"
 #include "network/network.h"
 
 static void unref_net(struct lora_network *net) {
@@ -49,6 +63,287 @@ static lora_status ensure_state(struct lora_model *m) {
     if (m->attach) return LORA_OK;
     m->attach = lora_calloc(m->ctx, 1, sizeof *m->attach);
     return m->attach ? LORA_OK : LORA_E_NOMEM;
+}
+
+/* ---- low-rank branches ---------------------------------------------------------------------- */
+
+/* Whether `tg` has an adapter slot in the model code: a CLIP linear
+ * "text_model.encoder.layers.N.<slot>.weight", or a U-Net transformer target
+ * "<down_blocks.N|up_blocks.N|mid_block>.attentions.M.(transformer_blocks.0.<t>|proj_in|proj_out).weight".
+ * attach_unet_adapters / attach_te_adapters find the slots by the same names. */
+static int has_slot(const struct net_target *tg) {
+    if (tg->kind == NET_CONVKXK) return 0;
+    const char *w = tg->weight;
+    size_t n = strlen(w);
+    if (n < 8 || strcmp(w + n - 7, ".weight") != 0) return 0;
+    if (tg->is_te) {
+        static const char pre[] = "text_model.encoder.layers.";
+        if (strncmp(w, pre, sizeof pre - 1) != 0) return 0;
+        const char *p = w + sizeof pre - 1;
+        if (*p < '0' || *p > '9') return 0;
+        while (*p >= '0' && *p <= '9') p++;
+        if (*p++ != '.') return 0;
+        for (int k = 0; k < CLIP_N_SLOTS; k++) {
+            size_t ln = strlen(clip_slot_name(k));
+            if ((size_t)(w + n - 7 - p) == ln && strncmp(p, clip_slot_name(k), ln) == 0) return 1;
+        }
+        return 0;
+    }
+    const char *a = strstr(w, ".attentions.");
+    if (!a) return 0;
+    size_t pl = (size_t)(a - w);
+    int pre_ok = (pl == 9 && strncmp(w, "mid_block", 9) == 0);
+    if (!pre_ok && (strncmp(w, "down_blocks.", 12) == 0 || strncmp(w, "up_blocks.", 10) == 0)) {
+        const char *d = w + (w[0] == 'd' ? 12 : 10);
+        if (d < a && *d >= '0' && *d <= '9') {
+            while (d < a && *d >= '0' && *d <= '9') d++;
+            pre_ok = d == a;
+        }
+    }
+    if (!pre_ok) return 0;
+    const char *p = a + 12;
+    if (*p < '0' || *p > '9') return 0;
+    while (*p >= '0' && *p <= '9') p++;
+    if (*p++ != '.') return 0;
+    size_t rl = (size_t)(w + n - 7 - p);
+    for (int t = 0; t < UNET_T_N; t++) {
+        char want[96];
+        if (t == UNET_T_PROJ_IN || t == UNET_T_PROJ_OUT) snprintf(want, sizeof want, "%s", unet_target_names[t]);
+        else snprintf(want, sizeof want, "transformer_blocks.0.%s", unet_target_names[t]);
+        if (strlen(want) == rl && strncmp(p, want, rl) == 0) return 1;
+    }
+    return 0;
+}
+
+static void free_lowrank(lora_ctx *ctx, struct attach_lowrank *lr, int64_t n) {
+    struct lora_backend_impl *be = ctx->backend;
+    for (int64_t i = 0; lr && i < n; i++) {
+        if (lr[i].dev && be) be->iface->buf_free(be, lr[i].dev);
+        lora_free(ctx, lr[i].host);
+        lora_free(ctx, lr[i].parts);
+        lora_free(ctx, lr[i].weight);
+    }
+    lora_free(ctx, lr);
+}
+
+static struct attach_lowrank *find_lowrank(const struct model_attach *a, int32_t is_te, const char *name) {
+    for (int64_t i = 0; a && i < a->n_lr; i++)
+        if (a->lr[i].is_te == is_te && strcmp(a->lr[i].weight, name) == 0) return &a->lr[i];
+    return NULL;
+}
+
+/* The branches of the attached networks, built from scratch (the model is not changed). A
+ * module at scale 0 adds nothing and is left out. */
+static lora_status build_lowrank(struct lora_model *m, const struct net_target *t, int64_t nt,
+                                 struct attach_lowrank **out, int64_t *n_out, int64_t *max_rank) {
+    const struct model_attach *a = m->attach;
+    lora_ctx *ctx = m->ctx;
+    struct lora_backend_impl *be = ctx->backend;
+    struct attach_lowrank *lr = NULL;
+    int64_t n = 0, cap = 0, maxr = 0;
+    lora_status s = LORA_OK;
+    *out = NULL;
+    *n_out = 0;
+    *max_rank = 0;
+    /* 1: group the modules by weight, in attachment order */
+    for (int64_t e = 0; e < a->n_nets && !s; e++) {
+        const struct lora_network *net = a->nets[e].net;
+        for (int64_t k = 0; k < net->n && !s; k++) {
+            const struct net_module *mm = &net->m[k];
+            const struct net_target *tg = find_target(t, nt, mm->name);
+            if (!tg || !fits(mm, tg) || !has_slot(tg)) continue;
+            float sc = nn_lora_scale(mm->has_alpha ? mm->alpha : 0.0, mm->rank, a->nets[e].multiplier);
+            if (sc == 0.0f) continue;
+            int64_t i = 0;
+            while (i < n && !(lr[i].is_te == tg->is_te && strcmp(lr[i].weight, tg->weight) == 0)) i++;
+            if (i == n) {
+                const struct tensor_map *map = map_of(m, tg->is_te);
+                int64_t ti = tmap_find(map, tg->weight);
+                lora_dtype dt = ti >= 0 ? map->t[ti].dtype : 0;
+                if (dt != LORA_DTYPE_F32 && dt != LORA_DTYPE_F16 && dt != LORA_DTYPE_BF16) {
+                    s = lora_fail(ctx, LORA_E_UNSUPPORTED, "cannot apply LoRA to '%s': dtype %s", tg->weight,
+                                  lora_dtype_name(dt) ? lora_dtype_name(dt) : "?");
+                    break;
+                }
+                if (n == cap) {
+                    int64_t nc = cap ? 2 * cap : 64;
+                    struct attach_lowrank *nl = lora_calloc(ctx, (size_t)nc, sizeof *nl);
+                    if (!nl) { s = LORA_E_NOMEM; break; }
+                    if (n) memcpy(nl, lr, (size_t)n * sizeof *nl);
+                    lora_free(ctx, lr);
+                    lr = nl;
+                    cap = nc;
+                }
+                memset(&lr[n], 0, sizeof lr[n]);
+                lr[n].is_te = tg->is_te;
+                lr[n].weight = lora_strdup(ctx, tg->weight);
+                lr[n].parts = lora_malloc(ctx, (size_t)a->n_nets * sizeof *lr[n].parts);
+                lr[n].l.in = mm->in;
+                lr[n].l.out = mm->out;
+                n++;
+                if (!lr[i].weight || !lr[i].parts) { s = LORA_E_NOMEM; break; }
+            }
+            if (lr[i].n_parts == a->n_nets) {   /* two modules of one network on one weight */
+                s = lora_fail(ctx, LORA_E_INVALID_ARG, "attach: more than one module per network on '%s'", tg->weight);
+                break;
+            }
+            lr[i].parts[lr[i].n_parts].mm = mm;
+            lr[i].parts[lr[i].n_parts].sc = sc;
+            lr[i].n_parts++;
+            lr[i].l.rank += mm->rank;
+        }
+    }
+    /* 2: the stacked factors */
+    for (int64_t i = 0; i < n && !s; i++) {
+        struct attach_lowrank *b = &lr[i];
+        int64_t R = b->l.rank, in = b->l.in, o = b->l.out, nd = 0, nu = 0, tot = 0;
+        if (!ck_mul_i64(R, in, &nd) || !ck_mul_i64(o, R, &nu) || nd > INT64_MAX - nu || (tot = nd + nu) > (INT64_MAX / 4)) {
+            s = lora_fail(ctx, LORA_E_LIMIT, "attach: the low-rank branch of '%s' (rank %lld) is too large", b->weight,
+                          (long long)R);
+            break;
+        }
+        b->host = lora_malloc(ctx, (size_t)tot * 4);
+        if (!b->host) { s = LORA_E_NOMEM; break; }
+        float *down = b->host, *up = b->host + nd;
+        int64_t off = 0;
+        for (int64_t q = 0; q < b->n_parts; q++) {
+            const struct net_module *mm = b->parts[q].mm;
+            float sc = b->parts[q].sc;
+            memcpy(down + off * in, mm->down, (size_t)(mm->rank * in) * 4);
+            for (int64_t r = 0; r < o; r++)
+                for (int64_t z = 0; z < mm->rank; z++) up[r * R + off + z] = sc * mm->up[r * mm->rank + z];
+            off += mm->rank;
+        }
+        b->l.scale = 1.0f;
+        b->l.down = down;
+        b->l.up = up;
+        if (be && strcmp(be->iface->name, "cpu") != 0) {   /* the forward reads backend memory */
+            s = be->iface->buf_alloc(be, (size_t)tot * 4, &b->dev);
+            if (s) { b->dev = NULL; break; }
+            s = be->iface->upload(be, b->dev, b->host, (size_t)tot * 4);
+            b->l.down = b->dev;
+            b->l.up = (const float *)b->dev + nd;
+        }
+        if (R > maxr) maxr = R;
+    }
+    if (s) {
+        free_lowrank(ctx, lr, n);
+        return s;
+    }
+    *out = lr;
+    *n_out = n;
+    *max_rank = maxr;
+    return LORA_OK;
+}
+
+int attach_has_lowrank(const struct lora_model *m, int32_t is_te) {
+    for (int64_t i = 0; m && m->attach && i < m->attach->n_lr; i++)
+        if (m->attach->lr[i].is_te == is_te) return 1;
+    return 0;
+}
+
+lora_status attach_unet_adapters(const struct lora_model *m, const struct unet_model *u, struct unet_adapters *ad,
+                                 int64_t *max_rank) {
+    memset(ad, 0, sizeof *ad);
+    *max_rank = 0;
+    const struct model_attach *a = m->attach;
+    int64_t want = 0, placed = 0;
+    for (int64_t i = 0; a && i < a->n_lr; i++) want += a->lr[i].is_te == 0;
+    if (want == 0) return LORA_OK;
+    for (int64_t x = 0; x < u->n_xf && x < 64; x++)
+        for (int t = 0; t < UNET_T_N; t++) {
+            char name[256];
+            if (t == UNET_T_PROJ_IN || t == UNET_T_PROJ_OUT)
+                snprintf(name, sizeof name, "%s.%s.weight", u->xf[x]->name, unet_target_names[t]);
+            else
+                snprintf(name, sizeof name, "%s.transformer_blocks.0.%s.weight", u->xf[x]->name, unet_target_names[t]);
+            const struct attach_lowrank *b = find_lowrank(a, 0, name);
+            if (!b) continue;
+            ad->lora[x][t] = &b->l;
+            if (b->l.rank > *max_rank) *max_rank = b->l.rank;
+            placed++;
+        }
+    if (placed != want)
+        return lora_fail(m->ctx, LORA_E_INTERNAL, "attach: %lld of %lld U-Net LoRA branches have no transformer slot",
+                         (long long)(want - placed), (long long)want);
+    return LORA_OK;
+}
+
+lora_status attach_te_adapters(const struct lora_model *m, int64_t layers, const struct nn_lora **te,
+                               int64_t *max_rank) {
+    memset(te, 0, (size_t)(layers * CLIP_N_SLOTS) * sizeof *te);
+    *max_rank = 0;
+    const struct model_attach *a = m->attach;
+    int64_t want = 0, placed = 0;
+    for (int64_t i = 0; a && i < a->n_lr; i++) want += a->lr[i].is_te == 1;
+    if (want == 0) return LORA_OK;
+    for (int64_t l = 0; l < layers; l++)
+        for (int k = 0; k < CLIP_N_SLOTS; k++) {
+            char name[256];
+            snprintf(name, sizeof name, "text_model.encoder.layers.%lld.%s.weight", (long long)l, clip_slot_name(k));
+            const struct attach_lowrank *b = find_lowrank(a, 1, name);
+            if (!b) continue;
+            te[l * CLIP_N_SLOTS + k] = &b->l;
+            if (b->l.rank > *max_rank) *max_rank = b->l.rank;
+            placed++;
+        }
+    if (placed != want)
+        return lora_fail(m->ctx, LORA_E_INTERNAL, "attach: %lld of %lld text-encoder LoRA branches have no slot",
+                         (long long)(want - placed), (long long)want);
+    return LORA_OK;
+}
+
+/* "....self_attn.q_proj.weight" (or k, v) of a v2 text encoder: the packed in_proj needs the
+ * three in one dtype; *pre gets the layer prefix. */
+static int qkv_of(const char *w, char *pre, size_t cap) {
+    const char *qkv = strstr(w, ".self_attn.");
+    if (!qkv || strlen(qkv) != strlen(".self_attn.q_proj.weight") || strcmp(qkv + 12, "_proj.weight") != 0 ||
+        !strchr("qkv", qkv[11]))
+        return 0;
+    snprintf(pre, cap, "%.*s", (int)(qkv - w), w);
+    return 1;
+}
+
+lora_status attach_merged_map(const struct lora_model *m, int32_t is_te, struct tensor_map *out) {
+    lora_ctx *ctx = m->ctx;
+    const struct tensor_map *in = is_te ? &m->sd.te : &m->sd.unet;
+    const struct model_attach *a = m->attach;
+    for (int64_t i = 0; i < in->n; i++) {
+        const struct lora_tensor *t = &in->t[i];
+        const struct attach_lowrank *b = find_lowrank(a, is_te, t->name);
+        int sib = 0;
+        char pre[256];
+        if (!b && is_te && m->sd.cfg.version == 2 && qkv_of(t->name, pre, sizeof pre))
+            for (int c = 0; c < 3 && !sib; c++) {
+                char w[300];
+                snprintf(w, sizeof w, "%s.self_attn.%c_proj.weight", pre, "qkv"[c]);
+                sib = find_lowrank(a, 1, w) != NULL;
+            }
+        int is_fl = t->dtype == LORA_DTYPE_F32 || t->dtype == LORA_DTYPE_F16 || t->dtype == LORA_DTYPE_BF16;
+        if ((!b && !sib) || !is_fl) {
+            if (b) return lora_fail(ctx, LORA_E_UNSUPPORTED, "cannot apply LoRA to '%s': dtype %s", t->name,
+                                    lora_dtype_name(t->dtype) ? lora_dtype_name(t->dtype) : "?");
+            LORA_TRY(tmap_add(out, t->name, t->dtype, t->ndim, t->shape, t->data, t->nbytes, 0, 0));
+            continue;
+        }
+        int64_t numel = tmap_numel(t);
+        float *w = lora_malloc(ctx, (size_t)numel * 4);
+        if (!w) return LORA_E_NOMEM;
+        lora_status s = net_to_f32(ctx, t->name, t->dtype, t->data, numel, w);
+        /* the replaced-weight sum: one sgemm per module in attachment order */
+        for (int64_t q = 0; b && q < b->n_parts && !s; q++) {
+            const struct net_module *mm = b->parts[q].mm;
+            int64_t kk = mm->in * mm->kh * mm->kw;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)mm->out, (int)kk, (int)mm->rank,
+                        b->parts[q].sc, mm->up, (int)mm->rank, mm->down, (int)kk, 1.0f, w, (int)kk);
+        }
+        if (!s) s = tmap_add(out, t->name, LORA_DTYPE_F32, t->ndim, t->shape, w, (uint64_t)numel * 4, 0, 1);
+        if (s) {
+            lora_free(ctx, w);
+            return s;
+        }
+    }
+    return LORA_OK;
 }
 
 /* Puts weight i's original tensor back into the map (or, after merges or adopted changes, its
@@ -156,7 +451,7 @@ static lora_status rebuild(struct lora_model *m) {
         const struct lora_network *net = a->nets[e].net;
         for (int64_t k = 0; k < net->n && !s; k++) {
             const struct net_target *tg = find_target(t, nt, net->m[k].name);
-            if (!tg || !fits(&net->m[k], tg)) continue;
+            if (!tg || !fits(&net->m[k], tg) || has_slot(tg)) continue;   /* slots: low-rank branches */
             int64_t wi = find_weight(a, tg->is_te, tg->weight);
             if (wi < 0) s = add_weight(m, tg, &wi);
             if (!s) a->w[wi].used = 1;
@@ -184,6 +479,10 @@ static lora_status rebuild(struct lora_model *m) {
             if (!s) a->w[wi].used = 1;
         }
     }
+    /* 1b: the low-rank branches (may fail: undo) */
+    struct attach_lowrank *lr = NULL;
+    int64_t n_lr = 0, max_rank = 0;
+    if (!s) s = build_lowrank(m, t, nt, &lr, &n_lr, &max_rank);
     if (s) {
         while (a->n_w > n_before) {
             struct attach_weight *w = &a->w[--a->n_w];
@@ -193,8 +492,13 @@ static lora_status rebuild(struct lora_model *m) {
         lora_free(ctx, t);
         return s;
     }
+    int te_changed = attach_has_lowrank(m, 1);
+    free_lowrank(ctx, a->lr, a->n_lr);
+    a->lr = lr;
+    a->n_lr = n_lr;
+    a->max_rank = max_rank;
+    te_changed |= attach_has_lowrank(m, 1);
     /* 2: base values (cannot fail: dtypes were checked when registered) */
-    int te_changed = 0;
     for (int64_t i = 0; i < a->n_w; i++) {
         struct attach_weight *w = &a->w[i];
         /* unused installed ones too: should giving them back fail, they hold their base */
@@ -209,7 +513,7 @@ static lora_status rebuild(struct lora_model *m) {
         for (int64_t k = 0; k < net->n; k++) {
             const struct net_module *mm = &net->m[k];
             const struct net_target *tg = find_target(t, nt, mm->name);
-            if (!tg || !fits(mm, tg)) continue;
+            if (!tg || !fits(mm, tg) || has_slot(tg)) continue;
             struct attach_weight *w = &a->w[find_weight(a, tg->is_te, tg->weight)];
             float sc = nn_lora_scale(mm->has_alpha ? mm->alpha : 0.0, mm->rank, a->nets[e].multiplier);
             int64_t kk = mm->in * mm->kh * mm->kw;
@@ -524,6 +828,7 @@ void attach_release(struct lora_model *m) {
             a->n_w--;
         }
     }
+    free_lowrank(ctx, a->lr, a->n_lr);
     for (int64_t i = 0; i < a->n_nets; i++) unref_net(a->nets[i].net);
     lora_free(ctx, a->nets);
     lora_free(ctx, a->w);

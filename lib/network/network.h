@@ -82,10 +82,12 @@ lora_status net_merge(const struct lora_network *net, struct sd_model *m, double
 lora_status net_to_f32(lora_ctx *ctx, const char *name, lora_dtype dt, const void *src, int64_t n, float *dst);
 
 /* ---- runtime application (lib/network/attach.c) -------------------------------------------
- * Networks applied to a model's weights without losing the base: every base weight an attached
- * network touches is replaced by a float32 buffer rebuilt as base + sum_i m_i * alpha_i/r_i *
- * up_i @ down_i on every attach, detach and multiplier change (the base is the original tensor,
- * kept untouched, so there is no drift); the cached fp32 runs are dropped after each change. */
+ * Networks applied to a model without losing the base. A weight with an adapter slot in the
+ * model code (U-Net transformer Linear / projections, CLIP linears) stays untouched and gets a
+ * low-rank branch (struct attach_lowrank); every other base weight an attached network touches
+ * (convs, time embedding, ...) is replaced by a float32 buffer rebuilt as base + sum_i m_i *
+ * alpha_i/r_i * up_i @ down_i. Both are rebuilt from the untouched originals on every attach,
+ * detach and multiplier change (no drift); the cached fp32 runs are dropped after each change. */
 
 /* One base weight replaced while networks are attached. */
 struct attach_weight {
@@ -103,11 +105,35 @@ struct attach_entry {
     double multiplier;
 };
 
+/* One module's share of a low-rank branch: mm's factors at scale sc (m * alpha / rank). */
+struct attach_part {
+    const struct net_module *mm;
+    float sc;
+};
+
+/* A base weight with an adapter slot in the U-Net / CLIP forward (a transformer Linear or 1x1
+ * projection, a CLIP linear): left untouched, the attached networks act on it as one low-rank
+ * branch y += up @ (down @ x), kohya's runtime forward. Several networks are one branch of
+ * rank sum(r_i): down = [down_1; down_2; ...] [rank, in], up = [s_1 up_1 | s_2 up_2 ...]
+ * [out, rank], scale 1. */
+struct attach_lowrank {
+    int32_t is_te;
+    char *weight;              /* tensor name in sd.te / sd.unet */
+    int64_t n_parts;
+    struct attach_part *parts; /* in attachment order (the save-time merge replays them) */
+    float *host;               /* down [rank, in] then up [out, rank], host memory */
+    void *dev;                 /* a backend copy of `host` (NULL on the CPU backend) */
+    struct nn_lora l;          /* the branch: down/up in backend memory, scale 1 */
+};
+
 struct model_attach {
     int64_t n_nets, cap_nets;
     struct attach_entry *nets;
     int64_t n_w, cap_w;
     struct attach_weight *w;
+    int64_t n_lr;              /* low-rank branches (rebuilt on every change) */
+    struct attach_lowrank *lr;
+    int64_t max_rank;          /* largest branch rank (0: none) */
 };
 
 lora_status attach_add(struct lora_model *m, struct lora_network *net, double multiplier, int32_t mode);
@@ -118,5 +144,28 @@ lora_status attach_set_multiplier(struct lora_model *m, const struct lora_networ
 lora_status attach_remove(struct lora_model *m, const struct lora_network *net);
 lora_status attach_remove_all(struct lora_model *m);
 /* (attach_release, for the model's free path, is declared in model/sd_model.h.) */
+
+/* ---- low-rank branches for the model code (consumers that run the U-Net or text encoder of a
+ * model with attachments) ----------------------------------------------------------------- */
+struct unet_model;
+struct unet_adapters;
+/* Fills `ad` (zeroed here) with the branches of the U-Net transformers of `u` (built from m's
+ * weights); *max_rank: the rank to plan for (0: no branch). Every U-Net branch must find its
+ * slot (LORA_E_INTERNAL otherwise). The pointers stay valid until the attachments change
+ * (which drops the model's cached runs). */
+lora_status attach_unet_adapters(const struct lora_model *m, const struct unet_model *u,
+                                 struct unet_adapters *ad, int64_t *max_rank);
+/* Text-encoder branches: te[layers * CLIP_N_SLOTS] (zeroed here), indexed as clip_forward
+ * reads them; *max_rank as above. */
+lora_status attach_te_adapters(const struct lora_model *m, int64_t layers, const struct nn_lora **te,
+                               int64_t *max_rank);
+/* Whether any branch acts on the U-Net (is_te 0) or the text encoder (is_te 1). */
+int attach_has_lowrank(const struct lora_model *m, int32_t is_te);
+/* `out` (an empty map) gets every tensor of m's U-Net (is_te 0) or text-encoder map: weights
+ * with a low-rank branch as owned float32 copies of base + sum m_i alpha_i/r_i up_i @ down_i
+ * (the merge of the replaced weights, bit for bit: what a save writes), the rest borrowed. v2
+ * text encoders: q/k/v siblings of a merged one come along as float32 copies (one packed
+ * in_proj_weight). */
+lora_status attach_merged_map(const struct lora_model *m, int32_t is_te, struct tensor_map *out);
 
 #endif

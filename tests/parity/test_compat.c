@@ -154,9 +154,14 @@ static void run_te(lora_model *m, const struct inputs *in, float *out) {
     lora_status s = clip_init(&cm, m->ctx->backend, &m->sd.te, &m->sd.cfg);
     CHECK_STATUS(s, LORA_OK);
     if (s) return;
+    /* runtime-attached networks act on the text encoder as low-rank branches */
+    const struct nn_lora *te_lora[64 * CLIP_N_SLOTS];
+    int64_t rank = 0;
+    CHECK(cm.layers <= 64);
+    CHECK_STATUS(attach_te_adapters(m, cm.layers, te_lora, &rank), LORA_OK);
     struct clip_plan p;
-    CHECK_STATUS(clip_plan_init(&p, &cm, 1, in->n_ids, 0, 0), LORA_OK);
-    CHECK_STATUS(clip_forward(&p, in->ids, NULL, 1), LORA_OK);
+    CHECK_STATUS(clip_plan_init(&p, &cm, 1, in->n_ids, rank, 0), LORA_OK);
+    CHECK_STATUS(clip_forward(&p, in->ids, rank ? te_lora : NULL, 1), LORA_OK);
     CHECK_STATUS(clip_download_output(&p, out, NULL), LORA_OK);
     clip_plan_free(&p);
     clip_free(&cm);
