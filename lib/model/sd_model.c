@@ -1,4 +1,6 @@
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "model/sd_model.h"
 #include "model/clip.h"
@@ -14,6 +16,20 @@ void sd_model_init(struct sd_model *m, lora_ctx *ctx) {
     tmap_init(&m->extra, ctx);
 }
 
+void sd_release_borrowed(const struct sd_model *m, const void *data, uint64_t nbytes) {
+    if (!m || !data || nbytes == 0) return;
+    uintptr_t p = (uintptr_t)data;
+    for (int32_t i = 0; i < m->n_mapped && i < 4; i++) {
+        uintptr_t b = (uintptr_t)m->mapped[i].base;
+        if (!b || p < b || p - b > m->mapped[i].size || nbytes > m->mapped[i].size - (p - b)) continue;
+        long pg = sysconf(_SC_PAGESIZE);
+        if (pg <= 0) return;
+        uintptr_t lo = (p + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1), hi = (p + nbytes) & ~((uintptr_t)pg - 1);
+        if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+        return;
+    }
+}
+
 void sd_model_clear(struct sd_model *m) {
     lora_ctx *ctx = m->ctx;
     tmap_clear(&m->unet);
@@ -21,6 +37,8 @@ void sd_model_clear(struct sd_model *m) {
     tmap_clear(&m->te);
     tmap_clear(&m->extra);
     memset(&m->cfg, 0, sizeof m->cfg);
+    memset(m->mapped, 0, sizeof m->mapped);
+    m->n_mapped = 0;
     m->ctx = ctx;
 }
 

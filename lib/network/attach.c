@@ -677,6 +677,7 @@ static lora_status merge_with_backups(struct lora_model *m, const struct lora_ne
                 else if (tt->dtype == LORA_DTYPE_BF16) { uint16_t v = lora_f32_to_bf16(dst[e]); memcpy((char *)out + 2 * e, &v, 2); }
                 else memcpy((char *)out + 4 * e, &dst[e], 4);
             }
+            if (out != tt->data) sd_release_borrowed(&m->sd, tt->data, tt->nbytes);
             tt->data = out;
             tt->owned = 1;
             lora_free(ctx, dst);

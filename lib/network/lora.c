@@ -584,6 +584,7 @@ lora_status net_merge(const struct lora_network *net, struct sd_model *m, double
             }
             if (!s) {
                 from_f32(w->dtype, wf, n, dst);
+                if (dst != w->data) sd_release_borrowed(m, w->data, w->nbytes);
                 w->data = dst;
                 w->owned = 1;
             }
