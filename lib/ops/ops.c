@@ -12,6 +12,10 @@
 #include "core/rng.h"
 #include "ops/ops.h"
 
+#if LORA_HAVE_OPENMP
+#include <omp.h>
+#endif
+
 /* ---- small helpers ------------------------------------------------------------------------ */
 
 
@@ -195,6 +199,7 @@ lora_status ops_merge_into_model(struct sd_model *m, const struct lora_network *
             if (!s) s = ops_apply_module(mm, ratios[i], wf, tmp, lora_threads(ctx) > 0 ? lora_threads(ctx) : 1);
             if (!s) {
                 ops_from_f32(w->dtype, wf, ne, dst, 1);
+                if (dst != w->data) sd_release_borrowed(m, w->data, w->nbytes);
                 w->data = dst;
                 w->owned = 1;
             } else if (dst && dst != w->data) {
@@ -355,6 +360,20 @@ lora_status ops_merge_networks(lora_ctx *ctx, const struct lora_network *const *
 
 /* ---- randomized SVD ------------------------------------------------------------------------ */
 
+/* The test matrix: random signs om[i] = +-1 for i in [0, count), bit i % 128 of Philox4x32-10
+ * block i / 128 under key seed. Sign (Rademacher) test matrices do as well as Gaussian ones for
+ * randomized range finders, and cost 1/128 of a Philox block each instead of a Box-Muller
+ * log + sincos (Gaussians were 7% of a module's time). */
+static void rsvd_signs(uint64_t seed, float *om, int64_t count) {
+    const uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
+    for (int64_t i0 = 0; i0 < count; i0 += 128) {
+        uint32_t ctr[4] = {(uint32_t)(i0 / 128), (uint32_t)((uint64_t)(i0 / 128) >> 32), 0, 0}, bits[4];
+        lora_philox4x32_10(ctr, key, bits);
+        int64_t ne = count - i0 < 128 ? count - i0 : 128;
+        for (int64_t i = 0; i < ne; i++) om[i0 + i] = (bits[i >> 5] >> (i & 31)) & 1u ? -1.f : 1.f;
+    }
+}
+
 /* In-place thin QR of y[m, l] (row-major, m >= l): y <- Q. */
 static lora_status orthonormalize(lora_ctx *ctx, const char *what, float *y, int64_t m, int64_t l, float *tau) {
     lapack_int info = LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, (lapack_int)m, (lapack_int)l, y, (lapack_int)l, tau);
@@ -369,17 +388,13 @@ static lora_status orthonormalize(lora_ctx *ctx, const char *what, float *y, int
 static lora_status factor_gram(lora_ctx *ctx, const float *a, int64_t m, int64_t n, int64_t r, float *up,
                                float *down, int *fallback);
 
-/* Randomized block Krylov SVD (Halko-Martinsson-Tropp's range finder with the Krylov basis of
- * Musco & Musco 2015): rank-r factors of a[m, n] (row-major, kept). Omega [n, l] is Gaussian
- * from Philox(seed), l = r + OPS_RSVD_OVERSAMPLE; Q_0 = qr(A Omega), Q_i = qr(A qr(A^T Q_{i-1}))
- * for i = 1..OPS_RSVD_POWER, K = qr([Q_0 .. Q_q]) [m, L = (q+1) l]; the small B = K^T A [L, n]
- * is factored exactly (float64 Gram of B B^T, or sgesdd), up = K up_B, down = down_B. At the
- * same number of passes over A as subspace iteration with one more power step, keeping every
- * block gives about half the excess error on flat spectra (random deltas: within 1% of the
- * exact reconstruction error, where subspace iteration with q = 2 is 1.2-2.2% off). */
-static lora_status factor_randomized(lora_ctx *ctx, const char *what, const float *a, int64_t m, int64_t n,
-                                     int64_t r, uint64_t seed, float *up, float *down) {
-    int64_t l = r + OPS_RSVD_OVERSAMPLE, L = l * (OPS_RSVD_POWER + 1);
+/* A Krylov space of factor_lanczos's size (in A's column space), built with Householder QR
+ * (sgeqrf/sorgqr, slow on tall-skinny blocks) and B = K^T A formed by extra passes: the fallback
+ * for blocks that CholeskyQR refuses (a rank-deficient or zero dW). Blocks of l columns, q power steps,
+ * K = qr([Q_0 .. Q_q]) [m, (q+1) l], B factored exactly, up = K up_B. */
+static lora_status factor_krylov_qr(lora_ctx *ctx, const char *what, const float *a, int64_t m, int64_t n,
+                                    int64_t r, int64_t l, int q, uint64_t seed, float *up, float *down) {
+    int64_t L = l * (q + 1);
     float *om = lora_malloc(ctx, (size_t)(n * l) * 4), *y = lora_malloc(ctx, (size_t)(m * l) * 4);
     float *z = lora_malloc(ctx, (size_t)(n * l) * 4), *tau = lora_malloc(ctx, (size_t)L * 4);
     float *kb = lora_malloc(ctx, (size_t)(m * L) * 4), *b = lora_malloc(ctx, (size_t)(L * n) * 4);
@@ -387,16 +402,14 @@ static lora_status factor_randomized(lora_ctx *ctx, const char *what, const floa
     float *u = NULL, *s = NULL, *vt = NULL;
     lora_status st = om && y && z && tau && kb && b && ub ? LORA_OK : LORA_E_NOMEM;
     if (!st) {
-        lora_philox_normal(seed, 0, om, n * l);
-        /* Q_0 = qr(A Omega) */
+        rsvd_signs(seed, om, n * l);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)l, (int)n, 1.f, a, (int)n, om, (int)l,
                     0.f, y, (int)l);
         st = orthonormalize(ctx, what, y, m, l, tau);
     }
     for (int it = 0; !st; it++) {
         for (int64_t i = 0; i < m; i++) memcpy(kb + i * L + it * l, y + i * l, (size_t)l * 4);
-        if (it == OPS_RSVD_POWER) break;
-        /* Z = qr(A^T Q), Q = qr(A Z) */
+        if (it == q) break;
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n, (int)l, (int)m, 1.f, a, (int)n, y, (int)l, 0.f,
                     z, (int)l);
         st = orthonormalize(ctx, what, z, n, l, tau);
@@ -407,7 +420,6 @@ static lora_status factor_randomized(lora_ctx *ctx, const char *what, const floa
     }
     if (!st) st = orthonormalize(ctx, what, kb, m, L, tau);
     if (!st) {
-        /* B = K^T A [L, n], factored exactly: ub [L, r], down [r, n] */
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)L, (int)n, (int)m, 1.f, kb, (int)L, a, (int)n, 0.f,
                     b, (int)n);
         int fallback = 1;
@@ -419,12 +431,173 @@ static lora_status factor_randomized(lora_ctx *ctx, const char *what, const floa
             if (!st) memcpy(down, vt, (size_t)(r * n) * 4);
         }
     }
-    if (!st)   /* up = K ub */
+    if (!st)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)r, (int)L, 1.f, kb, (int)L, ub, (int)r,
                     0.f, up, (int)r);
     lora_free(ctx, om); lora_free(ctx, y); lora_free(ctx, z); lora_free(ctx, tau); lora_free(ctx, kb);
     lora_free(ctx, b); lora_free(ctx, ub); lora_free(ctx, u); lora_free(ctx, s); lora_free(ctx, vt);
     return st;
+}
+
+/* CholeskyQR of the block y[m, b] (leading dimension ld): R^T R = y^T y in float64 (dsyrk on a
+ * float64 copy gd [m, b]; g, rf [b, b] scratch), y <- y R^-1 with R^-1 formed in float64 (dtrtri)
+ * and applied by sgemm through gd's memory (strsm ran at a fifth of sgemm's rate on these
+ * shapes: 11% of a 768 x 768 module). Householder QR costs several times more on 2 cores for these
+ * tall-skinny blocks. Returns 1 (y partly changed) when y is numerically rank-deficient:
+ * Cholesky fails or R's diagonal spans more than 1e5. */
+static int chol_qr(float *y, int64_t m, int64_t b, int64_t ld, double *gd, double *g, float *rf) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < b; j++) gd[i * b + j] = y[i * ld + j];
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)b, (int)m, 1.0, gd, (int)b, 0.0, g, (int)b);
+    /* g's upper triangle (row-major) is the lower one column-major: L = R^T there, and its
+     * inverse L^-1 = (R^-1)^T is R^-1 row-major, without LAPACKE's transposed copies */
+    if (LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'L', (lapack_int)b, g, (lapack_int)b) != 0) return 1;
+    double hi = 0, lo = INFINITY;
+    for (int64_t j = 0; j < b; j++) {
+        hi = fmax(hi, g[j * b + j]);
+        lo = fmin(lo, g[j * b + j]);
+    }
+    if (!(lo > hi * 1e-5)) return 1;
+    if (LAPACKE_dtrtri_work(LAPACK_COL_MAJOR, 'L', 'N', (lapack_int)b, g, (lapack_int)b) != 0) return 1;
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t j = 0; j < b; j++) rf[i * b + j] = j >= i ? (float)g[i * b + j] : 0.f;
+    float *yr = (float *)gd;   /* y R^-1 [m, b]: gd's float64 copy of y is spent */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)b, (int)b, 1.f, y, (int)ld, rf, (int)b, 0.f,
+                yr, (int)b);
+    for (int64_t i = 0; i < m; i++) memcpy(y + i * ld, yr + i * b, (size_t)b * 4);
+    return 0;
+}
+
+/* Block Gram-Schmidt, twice (BCGS2): y[m, b] (ld) <- an orthonormal basis of the part of y
+ * orthogonal to the orthonormal columns k[m, lp] (same ld); t [lp, b] scratch. 1: rank-deficient. */
+static int block_orth(float *y, int64_t m, int64_t b, const float *k, int64_t lp, int64_t ld, float *t, double *gd,
+                      double *g, float *rf) {
+    for (int pass = 0; pass < 2; pass++) {
+        if (lp > 0) {
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)lp, (int)b, (int)m, 1.f, k, (int)ld, y, (int)ld,
+                        0.f, t, (int)b);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)b, (int)lp, -1.f, k, (int)ld, t,
+                        (int)b, 1.f, y, (int)ld);
+        }
+        if (chol_qr(y, m, b, ld, gd, g, rf)) return 1;
+    }
+    return 0;
+}
+
+/* Randomized block Lanczos SVD (Musco & Musco 2015's block Krylov method with full
+ * reorthogonalisation): rank-r factors of a[m, n] (row-major, kept). op(A) [s, t] is A, or A^T
+ * when m > n, so that the basis lives in the short dimension s. Omega [t, b] is random signs from
+ * Philox(seed) (rsvd_signs); Q_0 = orth(op(A) Omega), and for i = 1..q: W_{i-1} = op(A)^T Q_{i-1},
+ * Q_i = orth(op(A) cholqr(W_{i-1})) against Q_0..Q_{i-1}; W_q = op(A)^T Q_q. With K = [Q_0..Q_q]
+ * [s, L] orthonormal, B = K^T op(A) = W^T: the products A^T Q_i of the iteration are B's rows,
+ * so 2q + 2 passes over A of b columns each make the whole factorisation (the QR form takes
+ * 3q + 2). B's top r triplets come from the float64 Gram W^T W [L, L] (dsytrd, dstedc, dormtr):
+ * B B^T = Y S^2 Y^T, op(A) ~ K Y Y^T W^T. *fallback = 1 (outputs unset) when a block is
+ * rank-deficient, the eigensolver fails or s_r is ~0. `ws` holds factor_lanczos_floats. */
+static int64_t factor_lanczos_floats(int64_t m, int64_t n, int64_t r, int64_t b, int q) {
+    int64_t s = m > n ? n : m, t = m > n ? m : n, L = b * (q + 1);
+    /* floats: om, z [t, b]; K [s, L]; W [t, L]; tp [L, b]; rf [b, b]; yf, yt [L, r];
+     * doubles (2 floats each): gd [t, b], g [b, b], c [L, L], w [L], the eigensolver's work
+     * [1 + 6 L + 2 L^2] and integer work [3 + 5 L] (as many doubles: aligned, ample) */
+    return 2 * t * b + s * L + t * L + L * b + b * b + 2 * L * r +
+           2 * (t * b + b * b + L * L + L + (1 + 6 * L + 2 * L * L) + (3 + 5 * L));
+}
+
+static void factor_lanczos(const float *a, int64_t m, int64_t n, int64_t r, int64_t b, int q, uint64_t seed,
+                           float *ws, float *up, float *down, int *fallback) {
+    int tall = m > n;
+    int64_t s = tall ? n : m, t = tall ? m : n, L = b * (q + 1);
+    /* op(A) X = sgemm(ta, a), op(A)^T X = sgemm(tat, a); lda n either way */
+    CBLAS_TRANSPOSE ta = tall ? CblasTrans : CblasNoTrans, tat = tall ? CblasNoTrans : CblasTrans;
+    double *gd = (double *)ws, *g = gd + t * b, *c = g + b * b, *w = c + L * L;   /* doubles first: aligned */
+    double *ew = w + L;
+    lapack_int lew = (lapack_int)(1 + 6 * L + 2 * L * L), liw = (lapack_int)(3 + 5 * L);
+    lapack_int *iw = (lapack_int *)(ew + lew);
+    float *om = (float *)(ew + lew + liw), *z = om + t * b, *k = z + t * b, *wb = k + s * L, *tp = wb + t * L;
+    float *rf = tp + L * b, *yf = rf + b * b, *yt = yf + L * r;
+    *fallback = 1;
+    rsvd_signs(seed, om, t * b);
+    cblas_sgemm(CblasRowMajor, ta, CblasNoTrans, (int)s, (int)b, (int)t, 1.f, a, (int)n, om, (int)b, 0.f, k, (int)L);
+    if (block_orth(k, s, b, NULL, 0, L, tp, gd, g, rf)) return;
+    for (int i = 0; i <= q; i++) {
+        float *qi = k + i * b, *wi = wb + i * b;
+        cblas_sgemm(CblasRowMajor, tat, CblasNoTrans, (int)t, (int)b, (int)s, 1.f, a, (int)n, qi, (int)L, 0.f, wi,
+                    (int)L);
+        if (i == q) break;
+        /* z = cholqr(W_i) keeps the next block's columns at a sane scale; its basis is what counts */
+        for (int64_t e = 0; e < t; e++) memcpy(z + e * b, wi + e * L, (size_t)b * 4);
+        if (chol_qr(z, t, b, b, gd, g, rf)) return;
+        cblas_sgemm(CblasRowMajor, ta, CblasNoTrans, (int)s, (int)b, (int)t, 1.f, a, (int)n, z, (int)b, 0.f,
+                    qi + b, (int)L);
+        if (block_orth(qi + b, s, b, k, (i + 1) * b, L, tp, gd, g, rf)) return;
+    }
+    /* c = W^T W in float64, in row chunks of W that fit gd */
+    int64_t ch = t * b / L > 0 ? t * b / L : 1;
+    for (int64_t e0 = 0; e0 < t; e0 += ch) {
+        int64_t ne = t - e0 < ch ? t - e0 : ch;
+        for (int64_t i = 0; i < ne * L; i++) gd[i] = wb[e0 * L + i];
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)L, (int)ne, 1.0, gd, (int)L, e0 ? 1.0 : 0.0, c,
+                    (int)L);
+    }
+    /* c's upper triangle (row-major) is the lower one column-major: no transposed copies, and the
+     * workspace is ours. dsyevd in steps, so that the back-transformation (dormtr) applies to the
+     * r eigenvectors used only: tridiagonal (dsytrd), all its eigenpairs by divide and conquer
+     * (dstedc; MRRR/bisection for r of them, dstemr or dsyevr 'I', measured 1.5-2x slower at
+     * L = 204), then Q z for the top r (measured 1.7 ms against 1.95-2.4 for dsyevd, one
+     * thread, L = 204). ew holds z [L, L], then dsytrd's/dstedc's/dormtr's work
+     * [1 + 4 L + L^2], then e and tau [L] each. */
+    double *zv = ew, *sw = ew + L * L, *e = sw + 1 + 4 * L + L * L, *tau = e + L;
+    lapack_int lsw = (lapack_int)(1 + 4 * L + L * L);
+    if (LAPACKE_dsytrd_work(LAPACK_COL_MAJOR, 'L', (lapack_int)L, c, (lapack_int)L, w, e, tau, sw, lsw) != 0 ||
+        LAPACKE_dstedc_work(LAPACK_COL_MAJOR, 'I', (lapack_int)L, w, e, zv, (lapack_int)L, sw, lsw, iw, liw) != 0 ||
+        LAPACKE_dormtr_work(LAPACK_COL_MAJOR, 'L', 'L', 'N', (lapack_int)L, (lapack_int)r, c, (lapack_int)L, tau,
+                            zv + (L - r) * L, (lapack_int)L, sw, lsw) != 0)
+        return;
+    /* ascending: eigenvector j is zv[j L ..] (column-major), triplet j is eigenpair L-1-j; refuse a
+     * (numerically) zero s_r */
+    if (!(w[L - r] > w[L - 1] * 1e-12) || !(w[L - 1] > 0)) return;
+    for (int64_t j = 0; j < r; j++) {
+        int64_t cj = L - 1 - j;
+        double sv = tall ? 1.0 : sqrt(w[cj]);
+        for (int64_t i = 0; i < L; i++) {
+            yf[i * r + j] = (float)(zv[cj * L + i] * sv);
+            yt[j * L + i] = (float)(zv[cj * L + i] / sv);
+        }
+    }
+    if (tall) {   /* up = W Y [m, r], down = Y^T K^T [r, n] */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)r, (int)L, 1.f, wb, (int)L, yf, (int)r,
+                    0.f, up, (int)r);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)r, (int)n, (int)L, 1.f, yt, (int)L, k, (int)L, 0.f,
+                    down, (int)n);
+    } else {      /* up = K Y S [m, r], down = S^-1 Y^T W^T [r, n] */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)r, (int)L, 1.f, k, (int)L, yf, (int)r,
+                    0.f, up, (int)r);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)r, (int)n, (int)L, 1.f, yt, (int)L, wb, (int)L,
+                    0.f, down, (int)n);
+    }
+    *fallback = 0;
+}
+
+/* Block size and power steps for rank r on [m, n]: the Krylov span L is 6 OPS_RSVD_BLOCK(r) either way. */
+static void rsvd_plan(int64_t m, int64_t n, int64_t r, int64_t *b, int *q) {
+    int64_t lo = m < n ? m : n, hi = m < n ? n : m;
+    int lng = hi >= OPS_RSVD_LONG_ASPECT * lo && m * n >= OPS_RSVD_LONG_NUMEL;
+    *b = OPS_RSVD_BLOCK(r) * (lng ? (OPS_RSVD_POWER + 1) / (OPS_RSVD_POWER_LONG + 1) : 1);
+    *q = lng ? OPS_RSVD_POWER_LONG : OPS_RSVD_POWER;
+}
+
+static lora_status factor_randomized(lora_ctx *ctx, const char *what, const float *a, int64_t m, int64_t n,
+                                     int64_t r, uint64_t seed, float *up, float *down) {
+    int64_t b = 0;
+    int q = 0;
+    rsvd_plan(m, n, r, &b, &q);
+    float *ws = lora_malloc(ctx, (size_t)factor_lanczos_floats(m, n, r, b, q) * 4);
+    if (!ws) return LORA_E_NOMEM;
+    int fallback = 1;
+    factor_lanczos(a, m, n, r, b, q, seed, ws, up, down, &fallback);
+    lora_free(ctx, ws);
+    if (!fallback) return LORA_OK;
+    return factor_krylov_qr(ctx, what, a, m, n, r, b, q, seed, up, down);
 }
 
 /* ---- exact SVD through the Gram matrix -------------------------------------------------------- */
@@ -484,14 +657,101 @@ static lora_status factor_gram(lora_ctx *ctx, const float *a, int64_t m, int64_t
 lora_status ops_svd_factor(lora_ctx *ctx, const char *what, float *a, int64_t m, int64_t n, int64_t r,
                            int32_t method, uint64_t seed, float *up, float *down) {
     int64_t k = m < n ? m : n;
-    if (method == OPS_SVD_RANDOMIZED && (r + OPS_RSVD_OVERSAMPLE) * (OPS_RSVD_POWER + 1) < k)
+    if (method == OPS_SVD_RANDOMIZED && OPS_RSVD_SPAN(r) < k)
         return factor_randomized(ctx, what, a, m, n, r, seed, up, down);
     if (method == OPS_SVD_GRAM && r < k) {
         int fallback = 1;
         LORA_TRY(factor_gram(ctx, a, m, n, r, up, down, &fallback));
         if (!fallback) return LORA_OK;
     }
-    return factor(ctx, what, a, m, n, r, up, down);   /* exact; also when l would reach min(m, n) */
+    return factor(ctx, what, a, m, n, r, up, down);   /* exact; also when L would reach min(m, n) */
+}
+
+/* Jobs of at most this many elements run side by side, one per thread with single-threaded BLAS
+ * (an OpenMP build of OpenBLAS runs one thread inside a parallel region): the skinny sgemms and
+ * the L x L eigensolver gain little from a second BLAS thread, whose barrier spins cost most on
+ * a busy machine (measured on 2 shared cores under load 4-5: 10240 x 1280, 0.19 CPU s per module
+ * side by side against 0.35-0.40 with 2-thread BLAS). Larger ones get all threads. */
+#define OPS_SVD_PAR_NUMEL (4096 * 4096)
+
+lora_status ops_svd_factor_many(lora_ctx *ctx, const struct ops_svd_job *jobs, int64_t n, int32_t method, int nt) {
+    if (nt < 1) nt = 1;
+    /* workspace: one per thread for the side-by-side jobs, one for the others, reused */
+    int64_t wsmall = 0, wbig = 0, npar = 0;
+    for (int64_t j = 0; j < n && method == OPS_SVD_RANDOMIZED; j++) {
+        const struct ops_svd_job *jb = &jobs[j];
+        int64_t k = jb->m < jb->n ? jb->m : jb->n, b = 0;
+        int q = 0;
+        if (OPS_RSVD_SPAN(jb->r) >= k) continue;
+        rsvd_plan(jb->m, jb->n, jb->r, &b, &q);
+        int64_t f = factor_lanczos_floats(jb->m, jb->n, jb->r, b, q);
+        if (nt > 1 && jb->m * jb->n <= OPS_SVD_PAR_NUMEL) {
+            if (f > wsmall) wsmall = f;
+            npar++;
+        }
+        if (f > wbig) wbig = f;
+    }
+    int par = npar > 0;   /* even a lone one: a job's path must not depend on its neighbours */
+    wsmall = (wsmall + 15) / 16 * 16;   /* each thread's workspace starts 64-byte aligned (doubles first) */
+    size_t need = 0;
+    if (par && !ck_mul_size((size_t)wsmall * 4, (size_t)nt, &need))
+        return lora_fail(ctx, LORA_E_NOMEM, "randomized SVD workspace overflows");
+    if ((size_t)wbig * 4 > need) need = (size_t)wbig * 4;
+    float *ws = need ? lora_malloc(ctx, need) : NULL;
+    int *done = lora_calloc(ctx, (size_t)n + 1, sizeof *done);
+    int64_t *order = lora_calloc(ctx, (size_t)n + 1, sizeof *order);
+    if ((need && !ws) || !done || !order) {
+        lora_free(ctx, ws);
+        lora_free(ctx, done);
+        lora_free(ctx, order);
+        return LORA_E_NOMEM;
+    }
+    /* largest first (stable insertion sort by m n), so that the threads' last jobs are small
+     * ones and they finish together; a job's result does not depend on its thread or turn */
+    for (int64_t j = 0; j < n; j++) {
+        int64_t i = j, sz = jobs[j].m * jobs[j].n;
+        for (; i > 0 && jobs[order[i - 1]].m * jobs[order[i - 1]].n < sz; i--) order[i] = order[i - 1];
+        order[i] = j;
+    }
+    if (par) {   /* the parallel region touches no ctx state: workspaces and outputs only */
+#if LORA_HAVE_OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#endif
+        for (int64_t oj = 0; oj < n; oj++) {
+            int64_t j = order[oj];
+            const struct ops_svd_job *jb = &jobs[j];
+            int64_t k = jb->m < jb->n ? jb->m : jb->n, b = 0;
+            int q = 0, fallback = 1;
+            if (OPS_RSVD_SPAN(jb->r) >= k || jb->m * jb->n > OPS_SVD_PAR_NUMEL) continue;
+#if LORA_HAVE_OPENMP
+            float *w = ws + (size_t)wsmall * (size_t)omp_get_thread_num();
+#else
+            float *w = ws;
+#endif
+            rsvd_plan(jb->m, jb->n, jb->r, &b, &q);
+            factor_lanczos(jb->a, jb->m, jb->n, jb->r, b, q, jb->seed, w, jb->up, jb->down, &fallback);
+            done[j] = !fallback;
+        }
+    }
+    /* the rest (and the fallbacks of the side-by-side ones) one after the other, all threads each */
+    lora_status st = LORA_OK;
+    for (int64_t j = 0; j < n && !st; j++) {
+        const struct ops_svd_job *jb = &jobs[j];
+        int64_t k = jb->m < jb->n ? jb->m : jb->n, b = 0;
+        int q = 0, fallback = 1;
+        if (done[j]) continue;
+        if (method != OPS_SVD_RANDOMIZED || OPS_RSVD_SPAN(jb->r) >= k) {
+            st = ops_svd_factor(ctx, jb->what, jb->a, jb->m, jb->n, jb->r, method, jb->seed, jb->up, jb->down);
+            continue;
+        }
+        rsvd_plan(jb->m, jb->n, jb->r, &b, &q);
+        factor_lanczos(jb->a, jb->m, jb->n, jb->r, b, q, jb->seed, ws, jb->up, jb->down, &fallback);
+        if (fallback) st = factor_krylov_qr(ctx, jb->what, jb->a, jb->m, jb->n, jb->r, b, q, jb->seed, jb->up, jb->down);
+    }
+    lora_free(ctx, ws);
+    lora_free(ctx, done);
+    lora_free(ctx, order);
+    return st;
 }
 
 /* ---- extract -------------------------------------------------------------------------------- */
@@ -568,30 +828,45 @@ lora_status ops_extract_on(const struct sd_model *org, const struct sd_model *tu
             }
         }
     }
+    /* CPU: chunks of modules through ops_svd_factor_many (small randomized ones side by side) */
+    struct ops_svd_job jobs[16];
+    int64_t jmod[16], nj = 0, threads = lora_threads(ctx) > 0 ? lora_threads(ctx) : 1;
     for (int64_t i = 0; i < nt && !s; i++) {
-        if (t[i].is_te && !te_diff) continue;
-        int kxk = t[i].kind == NET_CONVKXK;
-        int64_t r = kxk && conv_dim > 0 ? conv_dim : dim;
-        if (r > t[i].in) r = t[i].in;
-        if (r > t[i].out) r = t[i].out;
-        struct net_module *d = &o->m[o->n++];
-        s = init_module(ctx, d, t[i].name, t[i].is_te, t[i].kind, r, t[i].in, t[i].out, t[i].kh, t[i].kw);
-        if (s) break;
-        d->alpha_dtype = LORA_DTYPE_I64;   /* torch.tensor(down.size()[0]) */
-        int64_t k = t[i].in * t[i].kh * t[i].kw;
-        if (gpu) {
-            s = ops_gpu_svd_factor(gpu, t[i].name, diff[i], t[i].out, k, r, d->up, d->down);
-            if (s == LORA_E_GPU_OOM) {   /* too large for the device now: this module on the CPU */
-                lora_log(ctx, LORA_LOG_WARN, "extract: %s; this module on the CPU", ctx->errmsg);
-                lora_clear_error(ctx);
-                s = ops_svd_factor(ctx, t[i].name, diff[i], t[i].out, k, r, svd_method, 0x5eedULL + (uint64_t)i,
-                                   d->up, d->down);
+        if (!(t[i].is_te && !te_diff)) {
+            int kxk = t[i].kind == NET_CONVKXK;
+            int64_t r = kxk && conv_dim > 0 ? conv_dim : dim;
+            if (r > t[i].in) r = t[i].in;
+            if (r > t[i].out) r = t[i].out;
+            struct net_module *d = &o->m[o->n++];
+            s = init_module(ctx, d, t[i].name, t[i].is_te, t[i].kind, r, t[i].in, t[i].out, t[i].kh, t[i].kw);
+            if (s) break;
+            d->alpha_dtype = LORA_DTYPE_I64;   /* torch.tensor(down.size()[0]) */
+            int64_t k = t[i].in * t[i].kh * t[i].kw;
+            if (gpu) {
+                s = ops_gpu_svd_factor(gpu, t[i].name, diff[i], t[i].out, k, r, d->up, d->down);
+                if (s == LORA_E_GPU_OOM) {   /* too large for the device now: this module on the CPU */
+                    lora_log(ctx, LORA_LOG_WARN, "extract: %s; this module on the CPU", ctx->errmsg);
+                    lora_clear_error(ctx);
+                    s = ops_svd_factor(ctx, t[i].name, diff[i], t[i].out, k, r, svd_method, 0x5eedULL + (uint64_t)i,
+                                       d->up, d->down);
+                }
+                if (!s) s = clamp_quantile(ctx, d->up, t[i].out * r, d->down, r * k, clamp_q);
+                net_module_bind(d);
+                if (!s) s = lora_progress(ctx, LORA_PHASE_EXTRACT, i + 1, nt, NAN);
+                continue;
             }
-        } else s = ops_svd_factor(ctx, t[i].name, diff[i], t[i].out, k, r, svd_method, 0x5eedULL + (uint64_t)i, d->up,
-                                d->down);
-        if (!s) s = clamp_quantile(ctx, d->up, t[i].out * r, d->down, r * k, clamp_q);
-        net_module_bind(d);
-        if (!s) s = lora_progress(ctx, LORA_PHASE_EXTRACT, i + 1, nt, NAN);
+            jobs[nj] = (struct ops_svd_job){t[i].name, diff[i], t[i].out, k, r, 0x5eedULL + (uint64_t)i, d->up, d->down};
+            jmod[nj++] = i;
+        }
+        if (gpu || (nj < 16 && i + 1 < nt)) continue;
+        s = ops_svd_factor_many(ctx, jobs, nj, svd_method, (int)threads);
+        for (int64_t j = 0; j < nj; j++) {
+            struct net_module *d = &o->m[o->n - nj + j];
+            if (!s) s = clamp_quantile(ctx, d->up, jobs[j].m * jobs[j].r, d->down, jobs[j].r * jobs[j].n, clamp_q);
+            net_module_bind(d);
+            if (!s) s = lora_progress(ctx, LORA_PHASE_EXTRACT, jmod[j] + 1, nt, NAN);
+        }
+        nj = 0;
     }
     ops_gpu_svd_close(gpu);
     char b[32];

@@ -275,7 +275,7 @@ static void test_extract_randomized(lora_ctx *ctx, lora_model *org, lora_model *
         int64_t k = a->in * a->kh * a->kw, numel = 0;
         float *pa = product(a->up, a->down, a->out, a->rank, k), *pb = product(b->up, b->down, b->out, b->rank, k);
         double e = rel(pb, pa, a->out * k);
-        int is_sampled = (a->rank + OPS_RSVD_OVERSAMPLE) * (OPS_RSVD_POWER + 1) < (a->out < k ? a->out : k);
+        int is_sampled = OPS_RSVD_SPAN(a->rank) < (a->out < k ? a->out : k);
         sampled += is_sampled;
         if (e > worst) worst = e;
         float *d = module_delta(org, tm, a->name, &numel);
