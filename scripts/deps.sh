@@ -2,7 +2,7 @@
 # Installs the Debian packages liblora needs when any is missing (idempotent; root runs
 # apt-get directly, others through sudo when available). Sourced by demo.sh and test.sh.
 set -eu
-need="meson ninja-build pkg-config gcc g++ binutils libopenblas-dev libopenblas-openmp-dev liblapacke-dev libpng-dev libjpeg62-turbo-dev libwebp-dev libzip-dev libjansson-dev python3 locales"
+need="meson ninja-build pkg-config gcc g++ binutils libopenblas-dev libopenblas-openmp-dev liblapacke-dev libpng-dev libjpeg62-turbo-dev libwebp-dev libzip-dev libjansson-dev libssl-dev python3 locales"
 missing=""
 for p in $need; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -38,7 +38,7 @@ tally() {
 # shellcheck disable=SC2086
 [ -f build-test/build.ninja ] || meson setup build-test $cuda_opt
 ninja -C build-test
-run_suites build-test build-test/suites.log unit io parity badinput abi bindings e2e cuda
+run_suites build-test build-test/suites.log unit io parity badinput ops abi bindings e2e cuda
 tally build-test/suites.log
 
 # The parsers and the core once more under AddressSanitizer + UndefinedBehaviorSanitizer.
@@ -46,7 +46,7 @@ tally build-test/suites.log
     -Db_lundef=false -Dexamples=false
 ninja -C build-asan
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    run_suites build-asan build-asan/suites.log unit io parity badinput
+    run_suites build-asan build-asan/suites.log unit io parity badinput ops
 tally build-asan/suites.log
 
 echo "test.sh: $total_ok passed, $total_fail failed, $total_skip skipped"

@@ -373,7 +373,7 @@ typedef int32_t lora_param_type;
 #define LORA_P_SCALE                         4004 /* float 0..1000, 7.5 (CFG; <= 1: no guidance) */
 #define LORA_P_NEGATIVE_SCALE                4005 /* float -1000..1000, 0 = off (kohya's None) */
 #define LORA_P_SAMPLER                       4006 /* string, "ddim" (kohya's 16 names) */
-#define LORA_P_W                             4007 /* int 8..16384, 512 (multiple of 64 for SD) */
+#define LORA_P_W                             4007 /* int 8..16384, 512 (multiple of 8 for SD) */
 #define LORA_P_H                             4008 /* int 8..16384, 512 */
 #define LORA_P_BATCH_SIZE                    4009 /* int 1..64, 1: images per U-Net batch */
 #define LORA_P_IMAGES_PER_PROMPT             4010 /* int 1..100000, 1 */
@@ -387,6 +387,8 @@ typedef int32_t lora_param_type;
 #define LORA_P_MODEL_HASH                    4018 /* string, "": "Model hash" in the PNG parameters */
 #define LORA_P_LORA_HASHES                   4019 /* string, "": "Lora hashes" ("name: hash, ...") */
 #define LORA_P_SEEDS                         4020 /* string "s1,s2,...", "": per-image seeds (kohya's --d) */
+#define LORA_P_JPEG_QUALITY                  4021 /* int 1..100, 80 (A1111's default): JPEG and lossy WebP */
+#define LORA_P_WEBP_LOSSLESS                 4022 /* int 0/1, 0: lossless WebP (exact pixels) */
 /* merge / extract / resize (conv_dim is LORA_P_CONV_DIM, save_precision LORA_P_SAVE_PRECISION).
  * Since 0.2.0. */
 #define LORA_P_DIM                           5001 /* int 1..4096, 4: extract rank */
@@ -529,6 +531,31 @@ LORA_API lora_status lora_file_metadata_at(const lora_file *f, int64_t index, co
  * LORA_E_LIMIT when `cap` is smaller than the element count. Since 0.1.0. */
 LORA_API lora_status lora_file_read_f32(const lora_file *f, int64_t index, float *dst,
                                         uint64_t cap);
+
+/* File hashes (spec/kohya-lora.md §9.2), as lower-case hex into hex_out (`cap` bytes, NUL
+ * included):
+ *   LORA_HASH_SHA256  SHA-256 of the whole file, 64 hex: A1111's "Model hash" is its first 10
+ *                     digits (kohya's calculate_sha256, ss_new_sd_model_hash); A1111's Lora
+ *                     extension uses it for non-safetensors networks.
+ *   LORA_HASH_ADDNET  SHA-256 of a .safetensors file's data region (the bytes after the 8-byte
+ *                     length and the JSON header), 64 hex: kohya's sshs_model_hash /
+ *                     addnet_hash_safetensors; A1111's "Lora hashes" show its first 12 digits.
+ *                     Editing the metadata does not change it.
+ *   LORA_HASH_LEGACY  the first 8 hex of SHA-256 of the 64 KiB at offset 1 MiB (the part of
+ *                     that window the file has; SHA-256 of nothing for files under 1 MiB):
+ *                     A1111's old model hash, kohya's model_hash / ss_sd_model_hash.
+ * cap must be at least 65 (9 for LORA_HASH_LEGACY). The file is read in 1 MiB chunks (a 4 GB
+ * checkpoint takes seconds); progress: LORA_PHASE_LOAD with done/total in bytes, and a callback
+ * returning non-zero or lora_ctx_cancel stops with LORA_E_CANCELLED. On failure hex_out is "".
+ * Thread rules as every ctx call. Errors: LORA_E_INVALID_ARG (NULL, unknown kind, small cap),
+ * LORA_E_NOT_FOUND, LORA_E_IO (unreadable, not a regular file), for LORA_HASH_ADDNET
+ * LORA_E_ST_HEADER_TOO_SMALL (under 8 bytes), LORA_E_ST_HEADER_LENGTH (the header length runs
+ * past the end: truncated or not safetensors), LORA_E_ST_HEADER_JSON (the header does not start
+ * with '{'), LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0. */
+#define LORA_HASH_SHA256 1
+#define LORA_HASH_ADDNET 2
+#define LORA_HASH_LEGACY 3
+LORA_API lora_status lora_file_hash(lora_ctx *ctx, const char *path, int32_t kind, char *hex_out, size_t cap);
 
 /* ======================================================================================
  * Tokenizer: the CLIP BPE tokenizer kohya's sd-scripts encodes every caption and prompt
@@ -735,23 +762,28 @@ LORA_API lora_status lora_network_coverage(const lora_network *net, const lora_m
 LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_network *net, double multiplier);
 
 /* ---- several networks applied at run time, swappable without reloading -------------------
- * lora_model_attach in LORA_APPLY_RUNTIME mode keeps the original of every base weight an
- * attached network touches and replaces it, in float32, by
- *     W = original + sum over attached networks i of m_i * alpha_i / rank_i * up_i @ down_i
- * (1x1 and k x k convs, 2-D or 4-D proj_in/proj_out; the v2 text encoder's q/k/v are separate
- * weights in memory and land in the packed in_proj_weight when saved). The sum is rebuilt from
- * the untouched original on every attach, detach and multiplier change, so any sequence of
- * changes gives the same weights as attaching the final set once (no drift), and detaching
- * everything restores the original tensors bit for bit. Float32 holds the sum even for a
- * float16 checkpoint: the result is what kohya's gen_img computes with the LoRA branch in a
- * float32 forward (y = W x + m * alpha/rank * up(down(x))), up to float32 rounding. The
- * model's cached float32 runs (encode_prompt, unet_predict, vae_*) are rebuilt on their next
- * call. Memory: float32 copies of the touched weights, for as long as any network touches
- * them. lora_model_save writes the weights as they are (attached networks included, touched
- * weights in float32 unless save_precision says otherwise).
+ * lora_model_attach in LORA_APPLY_RUNTIME mode applies the attached networks i as kohya's
+ * LoRANetwork does at run time: y = W x + sum_i m_i * alpha_i / rank_i * up_i(down_i(x)).
+ * Layers the U-Net and text-encoder forwards take an adapter on (the transformers' attention,
+ * feed-forward and proj_in/proj_out layers, 2-D or 4-D; the text encoder's q/k/v/out_proj and
+ * fc1/fc2 -- every module of a network without conv_dim) keep their base weight untouched (a
+ * float16 checkpoint's U-Net keeps reading the loaded 16-bit weights) and get one low-rank
+ * branch of rank sum(rank_i), computed in float32. Every other weight a network touches (k x k
+ * and resnet convs: conv_dim / LoCon) is replaced, in float32, by
+ *     W = original + sum over attached networks i of m_i * alpha_i / rank_i * up_i @ down_i.
+ * Branches and sums are rebuilt from the untouched originals on every attach, detach and
+ * multiplier change, so any sequence of changes gives the same result as attaching the final
+ * set once (no drift), and detaching everything restores the original tensors bit for bit.
+ * The result is what kohya's gen_img computes with the LoRA branch in a float32 forward, up to
+ * float32 rounding. The model's cached float32 runs (encode_prompt, unet_predict, vae_*) and
+ * lora_generate pick up the changes on their next call. Memory: the networks' factors, plus
+ * float32 copies of the replaced conv weights for as long as any network touches them.
+ * lora_model_save writes the merged weights (attached networks included: touched weights in
+ * float32 unless save_precision says otherwise; the v2 text encoder's q/k/v go into the packed
+ * in_proj_weight, all three in float32 when one is touched).
  * LORA_APPLY_MERGE adds the network to the weights for good, as lora_model_merge_network
- * (stored in each weight's dtype; for weights runtime networks have replaced, into their
- * float32 original, which goes back to its dtype when the last of them detaches): it is not
+ * (stored in each weight's dtype; for the conv weights runtime networks have replaced, into
+ * their float32 original, which goes back to its dtype when the last of them detaches): it is not
  * recorded as attached and can only be undone by reloading the model. lora_merge_into_model
  * and lora_model_cast on a model with runtime attachments act on the originals in the same way
  * (their result minus the attached deltas becomes the original at the next attach, detach or
@@ -765,7 +797,7 @@ LORA_API lora_status lora_model_merge_network(lora_model *model, const lora_netw
  * counts, and every module that does not fit (LORA_LOG_WARN), as lora_network_coverage does;
  * modules that do not fit are skipped. */
 typedef int32_t lora_apply_mode;
-#define LORA_APPLY_RUNTIME 1   /* exact and swappable: float32 copies of the touched weights */
+#define LORA_APPLY_RUNTIME 1   /* exact and swappable: low-rank branches (convs: float32 copies) */
 #define LORA_APPLY_MERGE   2   /* into the weights for good: no extra memory */
 
 /* Attaches `net` to `model` with `multiplier` (kohya's --network_mul; any finite value,
@@ -848,10 +880,13 @@ LORA_API lora_status lora_merge_networks(lora_ctx *ctx, const lora_network *cons
  * LORA_E_NOMEM, LORA_E_CANCELLED. Free *out with lora_network_free. Since 0.2.0. */
 typedef int32_t lora_svd_method;
 #define LORA_SVD_EXACT      0   /* LAPACK sgesdd, economy: the factors kohya's script gets */
-#define LORA_SVD_RANDOMIZED 1   /* randomized block Krylov range finder (blocks of rank + 4
-                                 * columns, 2 power steps, every block kept, seeded per module;
-                                 * exact when 3 (rank + 4) >= min(in, out)): several times
-                                 * faster, reconstruction error within ~1% of exact */
+#define LORA_SVD_RANDOMIZED 1   /* randomized block Lanczos (block Krylov, full
+                                 * reorthogonalisation; blocks of (rank + 4) / 2 columns, 5 power
+                                 * steps, or rank + 4 and 2 on shapes with an aspect ratio >= 4;
+                                 * seeded per module; exact when the Krylov span 3 (rank + 4)
+                                 * reaches min(in, out)): about 10x faster than EXACT, the
+                                 * reconstruction error within 1% of exact's (random deltas:
+                                 * within 0.6%) */
 #define LORA_SVD_GRAM       2   /* top-rank eigenpairs of the smaller Gram matrix in float64
                                  * (dsyrk + dsyevr; sgesdd when sigma_r < 1e-5 sigma_0): about 10x
                                  * faster than EXACT on SD shapes, products within ~2e-5 of it
@@ -885,9 +920,12 @@ LORA_API lora_status lora_network_resize(const lora_network *net, int32_t new_ra
  * stored in the precision after each network), cast to save_precision and written, so memory
  * stays near the input's mapping plus one tensor. The output equals lora_model_load +
  * lora_model_cast(precision) + lora_merge_into_model + lora_model_save(save_precision) byte for
- * byte. `.ckpt`/`.pt` outputs are torch zips (whose writer needs every record at once: the
- * changed tensors are held in memory until the end); any other name gets a .safetensors file
- * (no metadata, as lora_model_save). A v2 diffusers folder input is merged in memory and saved
+ * byte (with OpenBLAS's Haswell kernels forced by OPENBLAS_CORETYPE, a few elements can differ
+ * by one unit in the last place: those kernels round differently with the one sgemm thread used
+ * here). `.ckpt`/`.pt` outputs are torch zips, streamed one record at a time (memory: one
+ * tensor); any other name gets a .safetensors file (no metadata, as lora_model_save), written
+ * by this thread and two helper threads it starts and joins (unchanged tensors copied in the
+ * kernel, disk writeback started as it goes). A v2 diffusers folder input is merged in memory and saved
  * (the LDM writer makes up OpenCLIP's tensors the folder lacks from the merged text encoder).
  * `ratios` NULL: the `ratios` key ("r1,r2,...", n values).
  * Options (`opts` may be NULL): v2, v_parameterization (load), precision (float|fp16|bf16,
@@ -932,8 +970,9 @@ LORA_API lora_status lora_network_resize_ex(const lora_network *net, const lora_
  * ====================================================================================== */
 
 /* The U-Net's output for `batch` latents `latent` [batch, in_channels (4), height, width]
- * (height, width in latent pixels, image size / 8: positive multiples of 2^(levels - 1), 8 in
- * SD), per-sample timesteps `timesteps` [batch] (any float: 0..999 for SD's 1000-step
+ * (height, width in latent pixels, image size / 8: any positive size up to 16384; sides
+ * that are not multiples of 2^(levels - 1), 8 in SD, run as diffusers does: each level
+ * ceil(n / 2), each upsampler resized to its skip's size), per-sample timesteps `timesteps` [batch] (any float: 0..999 for SD's 1000-step
  * schedules; fractional values are allowed) and the text conditioning `context` [batch,
  * context_tokens, context_dim] (context_dim: LORA_MODEL_CONTEXT_DIM; lora_model_encode_prompt
  * gives one sample's; any token count, 77, 154, 231, ... for kohya's long prompts). Writes
@@ -941,8 +980,8 @@ LORA_API lora_status lora_network_resize_ex(const lora_network *net, const lora_
  * or v, whichever the model predicts (LORA_MODEL_PREDICTION); the caller's sampler applies its
  * own scaling (e.g. the scheduler's scale_model_input) before the call. The input latent is
  * the scaled one (VAE mean or sample times 0.18215, plus noise). Errors: LORA_E_INVALID_ARG
- * (NULL array), LORA_E_CONFIG_RANGE (non-positive batch or tokens, sides that are not
- * multiples of 2^(levels - 1)), LORA_E_LIMIT (out_cap too small), LORA_E_NONFINITE_INPUT (a NaN
+ * (NULL array), LORA_E_CONFIG_RANGE (non-positive batch or tokens, sides outside
+ * 1..16384), LORA_E_LIMIT (out_cap too small), LORA_E_NONFINITE_INPUT (a NaN
  * or infinity in latent, timesteps or context), LORA_E_NOMEM, LORA_E_CANCELLED. Since 0.2.0. */
 LORA_API lora_status lora_model_unet_predict(lora_model *model, const float *latent, int64_t batch,
                                              int64_t height, int64_t width, const float *timesteps,
@@ -989,12 +1028,14 @@ LORA_API lora_status lora_model_vae_decode(lora_model *model, const float *laten
  *   off), sampler (ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver,
  *   dpmsolver++, dpmsingle and the k_ aliases: the diffusers scheduler kohya maps each to,
  *   with SD's scheduler config: steps_offset 1, set_alpha_to_one off; clip_sample 1 clamps
- *   DDIM's x0 to [-1, 1], the setting kohya's script asks for and its pipeline resets), W, H (multiples of 64 for SD: 8 for the VAE times the
- *   U-Net's 2^3), clip_skip, seed (-1: random), seeds ("s1,s2": per image, repeated as
+ *   DDIM's x0 to [-1, 1], the setting kohya's script asks for and its pipeline resets), W, H (multiples of 8 for SD, the VAE's
+ *   factor; since 0.2.0 not only multiples of 64: the U-Net runs other sizes as diffusers
+ *   does), clip_skip, seed (-1: random), seeds ("s1,s2": per image, repeated as
  *   kohya's --d), iter_same_seed, rng (cpu: torch.randn of a torch.manual_seed(seed) CPU
  *   generator per image; cuda: torch's CUDA Philox noise as A1111 reproduces it),
  *   images_per_prompt and batch_size (lora_generate_batch), image_path and strength (img2img:
- *   the image's size is used, resized down to multiples of 64 when it is not one), model_hash
+ *   the image's size is used, rounded down to multiples of 32 as kohya does and resized
+ *   there when it is not one: an area filter where kohya uses PIL LANCZOS), model_hash
  *   and lora_hashes (written into the PNG text), vae (kohya's --vae: a .safetensors/.ckpt VAE
  *   with LDM names, e.g. vae-ft-mse-840000, for the img2img encode and the decode). Seeds:
  *   with seed S and one image, S; with n images, kohya's random.seed(S) + n x
@@ -1034,6 +1075,15 @@ LORA_API const char *lora_image_text(const lora_image *img, const char *key);
  * Latin-1). `opts` is reserved (NULL). Errors: LORA_E_IO, LORA_E_NOSPACE, LORA_E_DEST_BUSY,
  * LORA_E_INVALID_ARG. Since 0.2.0. */
 LORA_API lora_status lora_image_save_png(const lora_image *img, const char *path, const lora_params *opts);
+/* Writes the image in the format its extension names (case-insensitive): .png as
+ * lora_image_save_png; .jpg/.jpeg (libjpeg, 4:2:0, quality jpeg_quality) and .webp (libwebp,
+ * lossy at jpeg_quality or lossless with webp_lossless) with the "parameters" text as EXIF
+ * UserComment, written as A1111 writes it (piexif: "UNICODE\0" + UTF-16BE) so A1111's PNG Info
+ * tab reads it back; kohya's other keys are PNG-only. opts may be NULL (defaults). Atomic.
+ * Errors: LORA_E_INVALID_ARG (another extension, a WebP side above 16383), LORA_E_LIMIT (a
+ * JPEG's parameters text over about 32,000 characters: one APP1 segment), LORA_E_IO,
+ * LORA_E_NOSPACE, LORA_E_DEST_BUSY, LORA_E_NOMEM. Since 0.2.0. */
+LORA_API lora_status lora_image_save(const lora_image *img, const char *path, const lora_params *opts);
 /* Frees an image. NULL is a no-op. Since 0.2.0. */
 LORA_API void lora_image_free(lora_image *img);
 

@@ -212,16 +212,16 @@ static lora_status generate(lora_model *model, const lora_params *opts, lora_ima
     if (s == LORA_OK && *ipath) {
         s = load_init(ctx, ipath, &init);
         if (s == LORA_OK) {
-            /* kohya: the image decides the size, cut to multiples of 32 by a PIL LANCZOS resize. The
-             * U-Net here needs multiples of 64: other sizes are resized (OpenCV INTER_AREA, not
-             * LANCZOS) to the size rounded down to 64. */
-            int32_t w64 = init.width - init.width % 64, h64 = init.height - init.height % 64;
-            if (w64 < 64 || h64 < 64) {
-                s = lora_fail(ctx, LORA_E_CONFIG_RANGE, "image_path: %s is %dx%d; img2img needs at least 64x64",
+            /* kohya (gen_img_diffusers): the image decides the size, rounded down to multiples of
+             * 32 and resized there when it is not one; kohya's filter is PIL LANCZOS, ours the
+             * area filter (OpenCV INTER_AREA), so such images differ slightly. */
+            int32_t w64 = init.width - init.width % 32, h64 = init.height - init.height % 32;
+            if (w64 < 32 || h64 < 32) {
+                s = lora_fail(ctx, LORA_E_CONFIG_RANGE, "image_path: %s is %dx%d; img2img needs at least 32x32",
                               ipath, init.width, init.height);
             } else if (w64 != init.width || h64 != init.height) {
-                lora_log(ctx, LORA_LOG_WARN, "image_path: %s is %dx%d: resized to %dx%d (area filter; kohya uses "
-                         "LANCZOS to multiples of 32)", ipath, init.width, init.height, w64, h64);
+                lora_log(ctx, LORA_LOG_WARN, "image_path: %s is %dx%d: resized to %dx%d, multiples of 32 (area "
+                         "filter; kohya uses LANCZOS)", ipath, init.width, init.height, w64, h64);
                 uint8_t *rs = lora_malloc(ctx, (size_t)w64 * (size_t)h64 * 3);
                 if (!rs) s = LORA_E_NOMEM;
                 else s = img_resize_area_u8(ctx, init.data, init.width, init.height, rs, w64, h64, 3);
@@ -352,6 +352,28 @@ LORA_API lora_status lora_image_save_png(const lora_image *img, const char *path
             t[i].value = img->val[i];
         }
         s = img_write_png(ctx, path, img->data, img->width, img->height, (int)img->channels, t, img->n_text);
+    }
+    lora_leave(ctx);
+    return s;
+}
+
+/* The format by extension (io/image_write.c); JPEG/WebP keep "parameters" as EXIF. */
+LORA_API lora_status lora_image_save(const lora_image *img, const char *path, const lora_params *opts) {
+    if (!image_valid(img)) return LORA_E_INVALID_ARG;
+    lora_ctx *ctx = img->ctx;
+    LORA_TRY(lora_enter(ctx));
+    lora_status s;
+    if (!path) {
+        s = lora_fail(ctx, LORA_E_INVALID_ARG, "lora_image_save: path is NULL");
+    } else {
+        struct img_text t[TEXT_MAX];
+        for (int i = 0; i < img->n_text; i++) {
+            t[i].key = img->key[i];
+            t[i].value = img->val[i];
+        }
+        s = img_write_image(ctx, path, img->data, img->width, img->height, (int)img->channels, t, img->n_text,
+                            (int)lora_params_int(opts, LORA_P_JPEG_QUALITY),
+                            (int)lora_params_int(opts, LORA_P_WEBP_LOSSLESS));
     }
     lora_leave(ctx);
     return s;

@@ -18,6 +18,7 @@
 #include "model/tokenizer.h"
 #include "model/unet.h"
 #include "model/vae.h"
+#include "network/network.h"
 #include "backend/backend.h"
 
 
@@ -100,6 +101,17 @@ static lora_status load_into(lora_ctx *ctx, const char *path, const lora_params 
             }
             return s;
         }
+    }
+    /* the mappings merges may release pages of (sd_release_borrowed) */
+    m->sd.n_mapped = 0;
+    for (int i = 0; i < 3; i++)
+        if (m->backing[i] && m->backing[i]->mapped) {
+            m->sd.mapped[m->sd.n_mapped].base = m->backing[i]->base;
+            m->sd.mapped[m->sd.n_mapped++].size = m->backing[i]->size;
+        }
+    if (m->ckpt_map) {
+        m->sd.mapped[m->sd.n_mapped].base = m->ckpt_map;
+        m->sd.mapped[m->sd.n_mapped++].size = m->ckpt_map_size;
     }
     if (lora_params_int(opts, LORA_P_V2) && m->sd.cfg.version != 2)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE,
@@ -232,13 +244,27 @@ static lora_status save_model(const lora_model *model, const char *path, const l
                   : strcmp(prec, "bf16") == 0 ? LORA_DTYPE_BF16 : 0;
     lora_status s = lora_progress(ctx, LORA_PHASE_SAVE, 0, 1, NAN);
     if (s != LORA_OK) return s;
-    if (strncmp(as, "diffusers", 9) == 0) {
+    /* networks attached at run time as low-rank branches: the file holds their merge, as it
+     * holds the float32 sums of the weights they replace (lib/network/attach.c) */
+    struct sd_model merged;
+    const struct sd_model *src = &model->sd;
+    sd_model_init(&merged, ctx);
+    if (attach_has_lowrank(model, 0) || attach_has_lowrank(model, 1)) {
+        merged.cfg = model->sd.cfg;
+        s = attach_merged_map(model, 0, &merged.unet);
+        if (s == LORA_OK) s = attach_merged_map(model, 1, &merged.te);
+        if (s == LORA_OK) s = cast_map(ctx, &model->sd.vae, 0, &merged.vae);
+        if (s == LORA_OK) s = cast_map(ctx, &model->sd.extra, 0, &merged.extra);
+        src = &merged;
+    }
+    if (s != LORA_OK) {
+    } else if (strncmp(as, "diffusers", 9) == 0) {
         struct sd_model view;
         sd_model_init(&view, ctx);
         view.cfg = model->sd.cfg;
-        s = cast_map(ctx, &model->sd.unet, to, &view.unet);
-        if (s == LORA_OK) s = cast_map(ctx, &model->sd.vae, to, &view.vae);
-        if (s == LORA_OK) s = cast_map(ctx, &model->sd.te, to, &view.te);
+        s = cast_map(ctx, &src->unet, to, &view.unet);
+        if (s == LORA_OK) s = cast_map(ctx, &src->vae, to, &view.vae);
+        if (s == LORA_OK) s = cast_map(ctx, &src->te, to, &view.te);
         if (s == LORA_OK) s = diffusers_save(ctx, path, &view, strcmp(as, "diffusers_safetensors") == 0);
         if (s == LORA_OK && model->sd.extra.n)
             lora_log(ctx, LORA_LOG_WARN, "%s: %lld tensors without a diffusers name (EMA, buffers) are not part of a "
@@ -248,7 +274,7 @@ static lora_status save_model(const lora_model *model, const char *path, const l
         struct tensor_map ldm, cast;
         tmap_init(&ldm, ctx);
         tmap_init(&cast, ctx);
-        s = sd_to_ldm(&model->sd, &ldm);
+        s = sd_to_ldm(src, &ldm);
         if (s == LORA_OK) s = cast_map(ctx, &ldm, to, &cast);
         if (s == LORA_OK) {
             if (strcmp(as, "ckpt") == 0 || strcmp(as, "pt") == 0) s = ckpt_write(ctx, path, &cast, 1);
@@ -257,6 +283,7 @@ static lora_status save_model(const lora_model *model, const char *path, const l
         tmap_clear(&cast);
         tmap_clear(&ldm);
     }
+    sd_model_clear(&merged);
     if (s == LORA_OK) s = lora_progress(ctx, LORA_PHASE_SAVE, 1, 1, NAN);
     return s;
 }
@@ -297,16 +324,24 @@ static lora_status encode_prompt(lora_model *model, const char *prompt, const lo
     int planned = 0;
     size_t got = 0;
     lora_status s = (ids && enc) ? LORA_OK : LORA_E_NOMEM;
+    /* runtime-attached networks' low-rank branches (lib/network/attach.c) */
+    const struct nn_lora **te_lora = NULL;
+    int64_t te_rank = 0;
+    if (s == LORA_OK && attach_has_lowrank(model, 1)) {
+        te_lora = lora_malloc(ctx, (size_t)(model->te_run->layers * CLIP_N_SLOTS) * sizeof *te_lora);
+        s = te_lora ? attach_te_adapters(model, model->te_run->layers, te_lora, &te_rank) : LORA_E_NOMEM;
+    }
     if (s == LORA_OK) s = tok_encode(model->tokenizer, prompt, strlen(prompt), (int32_t)max_len, ids, (size_t)n_ids, &got);
     if (s == LORA_OK && (int64_t)got != n_ids)
         s = lora_fail(ctx, LORA_E_INTERNAL, "encode_prompt: the tokenizer gave %zu ids, %lld expected", got, (long long)n_ids);
     /* kohya encodes each 77-token chunk as its own sequence, then re-joins them (spec 4.5) */
-    if (s == LORA_OK) s = clip_plan_init(&plan, model->te_run, n_chunks, 77, 0, 0);
+    if (s == LORA_OK) s = clip_plan_init(&plan, model->te_run, n_chunks, 77, te_rank, 0);
     planned = s == LORA_OK;
-    if (s == LORA_OK) s = clip_forward(&plan, ids, NULL, clip_skip);
+    if (s == LORA_OK) s = clip_forward(&plan, ids, te_lora, clip_skip);
     if (s == LORA_OK) s = clip_download_output(&plan, enc, NULL);
     if (s == LORA_OK) clip_rejoin_chunks(out, enc, 1, n_chunks, 77, C);
     if (planned) clip_plan_free(&plan);
+    lora_free(ctx, (void *)te_lora);
     lora_free(ctx, ids);
     lora_free(ctx, enc);
     return s;
@@ -333,6 +368,8 @@ struct model_unet_run {
     int planned;
     void *io;                   /* backend: sample, context, out */
     float *x, *c, *o;
+    struct unet_adapters *ad;   /* runtime-attached networks' low-rank branches, or NULL */
+    int64_t rank;               /* their largest rank: the plan's max_rank */
 };
 struct model_vae_run {
     struct vae_model m;
@@ -360,6 +397,7 @@ void model_drop_image_runs(lora_model *m) {
     if (m->unet_run) {
         unet_run_unplan(m->unet_run);
         unet_free(&m->unet_run->m);
+        lora_free(m->ctx, m->unet_run->ad);
         lora_free(m->ctx, m->unet_run);
         m->unet_run = NULL;
     }
@@ -387,13 +425,12 @@ static lora_status unet_predict(lora_model *model, const float *latent, int64_t 
     const struct sd_config *cfg = &model->sd.cfg;
     if (!latent || !timesteps || !context || !out)
         return lora_fail(ctx, LORA_E_INVALID_ARG, "unet_predict: latent, timesteps, context and out must not be NULL");
-    int64_t f = (int64_t)1 << (cfg->n_levels > 0 ? cfg->n_levels - 1 : 0);
-    if (B < 1 || B > (1 << 16) || H < 1 || W < 1 || H > (1 << 14) || W > (1 << 14) || H % f || W % f || T < 1 ||
-        T > (1 << 16))
+    /* any latent size: the U-Net's levels round odd sizes up (diffusers' Downsample2D) */
+    if (B < 1 || B > (1 << 16) || H < 1 || W < 1 || H > (1 << 14) || W > (1 << 14) || T < 1 || T > (1 << 16))
         return lora_fail(ctx, LORA_E_CONFIG_RANGE,
                          "unet_predict: batch %lld, latent %lldx%lld, %lld context tokens: the batch and token count "
-                         "must be positive and the latent sides positive multiples of %lld",
-                         (long long)B, (long long)H, (long long)W, (long long)T, (long long)f);
+                         "must be positive and the latent sides in 1..16384",
+                         (long long)B, (long long)H, (long long)W, (long long)T);
     int64_t n_in = B * cfg->unet_in_channels * H * W, n_out = B * cfg->unet_out_channels * H * W;
     int64_t n_ctx = B * T * cfg->context_dim;
     if (cap < (uint64_t)n_out)
@@ -413,13 +450,29 @@ static lora_status unet_predict(lora_model *model, const float *latent, int64_t 
             lora_free(ctx, r);
             return s;
         }
+        /* attached networks (lib/network/attach.c): their branches; attachment changes drop the run */
+        if (attach_has_lowrank(model, 0)) {
+            r->ad = lora_malloc(ctx, sizeof *r->ad);
+            s = r->ad ? attach_unet_adapters(model, &r->m, r->ad, &r->rank) : LORA_E_NOMEM;
+            if (s != LORA_OK) {
+                unet_free(&r->m);
+                lora_free(ctx, r->ad);
+                lora_free(ctx, r);
+                return s;
+            }
+        }
         model->unet_run = r;
     }
     struct model_unet_run *r = model->unet_run;
     if (!r->planned || r->p.batch != B || r->p.h != H || r->p.w != W || r->p.tokens != T) {
         unet_run_unplan(r);
-        LORA_TRY(unet_plan_init(&r->p, &r->m, B, H, W, T));
+        LORA_TRY(unet_plan_init_ex(&r->p, &r->m, B, H, W, T, UNET_FORWARD, r->rank));
         r->planned = 1;
+        lora_status sa = unet_set_adapters(&r->p, r->ad);
+        if (sa != LORA_OK) {
+            unet_run_unplan(r);
+            return sa;
+        }
         int64_t a = align16(n_in), b = align16(n_ctx);
         lora_status s = be->iface->buf_alloc(be, (size_t)(a + b + n_out) * 4, &r->io);
         if (s != LORA_OK) {

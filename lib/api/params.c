@@ -114,6 +114,8 @@ static const struct param_def defs[] = {
     PS(LORA_P_MODEL_HASH, "model_hash", "", NULL),
     PS(LORA_P_LORA_HASHES, "lora_hashes", "", NULL),
     PS(LORA_P_SEEDS, "seeds", "", NULL),
+    PI(LORA_P_JPEG_QUALITY, "jpeg_quality", 80, 1, 100),
+    PI(LORA_P_WEBP_LOSSLESS, "webp_lossless", 0, 0, 1),
     /* merge / extract / resize (5000) */
     PI(LORA_P_DIM, "dim", 4, 1, 4096),
     PF(LORA_P_CLAMP_QUANTILE, "clamp_quantile", 0.99, 1e-6, 1),

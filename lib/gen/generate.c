@@ -14,6 +14,7 @@
 #include "model/sd_model.h"
 #include "model/unet.h"
 #include "model/vae.h"
+#include "network/network.h"
 
 #define LATENT_SCALE 0.18215
 
@@ -47,6 +48,7 @@ struct run {
     struct unet_model um;
     struct unet_plan up;
     int unet_ok, plan_ok;
+    struct unet_adapters *ad;   /* runtime-attached networks' low-rank branches, or NULL */
     struct vae_model vm;
     struct vae_plan vp;
     int vae_ok, vplan_ok;
@@ -62,6 +64,7 @@ static void run_free(struct run *r) {
     if (r->vio) be->iface->buf_free(be, r->vio);
     if (r->plan_ok) unet_plan_free(&r->up);
     if (r->unet_ok) unet_free(&r->um);
+    lora_free(r->ctx, r->ad);
     if (r->vplan_ok) vae_plan_free(&r->vp);
     if (r->vae_ok) vae_free(&r->vm);
     memset(r, 0, sizeof *r);
@@ -152,17 +155,14 @@ lora_status gen_run(struct lora_model *model, const struct gen_job *job, uint8_t
     lora_ctx *ctx = model->ctx;
     const struct sd_config *cfg = &model->sd.cfg;
     int64_t B = job->batch, H = job->height, W = job->width;
-    int64_t ulev = (int64_t)1 << (cfg->n_levels > 0 ? cfg->n_levels - 1 : 0);
+    /* the U-Net takes any latent size (odd levels round up, as diffusers): only the VAE's factor */
     int64_t vf = (int64_t)1 << (cfg->vae_n_levels > 0 ? cfg->vae_n_levels - 1 : 0);
-    int64_t mult = vf * ulev;
     if (B < 1 || B > 64)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE, "batch_size: %lld is outside 1..64", (long long)B);
-    if (W < mult || H < mult || W > 16384 || H > 16384 || W % mult || H % mult)
+    if (W < vf || H < vf || W > 16384 || H > 16384 || W % vf || H % vf)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE,
                          "W x H: %lld x %lld: both must be multiples of %lld in %lld..16384 (the VAE divides by "
-                         "%lld and the U-Net halves the latent %d times)",
-                         (long long)W, (long long)H, (long long)mult, (long long)mult, (long long)vf,
-                         cfg->n_levels - 1);
+                         "%lld)", (long long)W, (long long)H, (long long)vf, (long long)vf, (long long)vf);
     if (job->steps < 1 || job->steps > 1000)
         return lora_fail(ctx, LORA_E_CONFIG_RANGE, "steps: %d is outside 1..1000", job->steps);
     if (!isfinite(job->scale) || (job->has_negative_scale && !isfinite(job->negative_scale)))
@@ -269,10 +269,18 @@ lora_status gen_run(struct lora_model *model, const struct gen_job *job, uint8_t
         s = unet_init_ex(&r.um, r.be, &model->sd.unet, cfg, UNET_BORROW_16BIT);   /* 16-bit weights read in place */
         r.unet_ok = s == LORA_OK;
     }
+    /* networks attached at run time (lib/network/attach.c): low-rank branches on the
+     * transformer layers, the base weights stay borrowed 16-bit */
+    int64_t max_rank = 0;
+    if (s == LORA_OK && attach_has_lowrank(model, 0)) {
+        r.ad = lora_malloc(ctx, sizeof *r.ad);
+        s = r.ad ? attach_unet_adapters(model, &r.um, r.ad, &max_rank) : LORA_E_NOMEM;
+    }
     if (s == LORA_OK) {
-        s = unet_plan_init(&r.up, &r.um, nb, h, w, T);
+        s = unet_plan_init_ex(&r.up, &r.um, nb, h, w, T, UNET_FORWARD, max_rank);
         r.plan_ok = s == LORA_OK;
     }
+    if (s == LORA_OK) s = unet_set_adapters(&r.up, r.ad);
     if (s == LORA_OK) {
         int64_t a = align16(nb * per), c = align16(nb * T * D);
         s = r.be->iface->buf_alloc(r.be, (size_t)(2 * a + c) * 4, &r.io);
@@ -315,6 +323,8 @@ lora_status gen_run(struct lora_model *model, const struct gen_job *job, uint8_t
     r.io = NULL;
     if (r.plan_ok) unet_plan_free(&r.up);
     if (r.unet_ok) unet_free(&r.um);
+    lora_free(ctx, r.ad);
+    r.ad = NULL;
     r.plan_ok = r.unet_ok = 0;
 
     /* ---- decode ---- */
