@@ -112,6 +112,10 @@ int main(int argc, char **argv) {
     printf("# merge peak RSS %.0f MB (model %.0f MB: mapped pages count while touched; the parent's peak before "
            "the fork: %.0f MB); output %.2f GB\n", (double)ru.ru_maxrss / 1024.0, (double)sb.st_size / 1e6,
            (double)self.ru_maxrss / 1024.0, (double)so.st_size / 1e9);
+    /* CPU time against wall time: above 1 the copier computed alongside the merging thread */
+    double cpu = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
+    printf("# merge CPU time %.2f s (user %.2f s), %.2f cores busy on average\n", cpu,
+           (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6, cpu / t_merge);
     printf("# merge / cp time %.2fx (target <= 1.2x), merge / cat time %.2fx\n", t_merge / t_cp, t_merge / t_cat);
     printf("merge %.3f\n", t_merge);
     printf("cp %.3f\n", t_cp);

@@ -10,11 +10,13 @@
  * NaNs) and copies them from the input file in the kernel (copy_file_range, as cp does); the
  * merging thread computes the others and writes each 1 MiB chunk itself right after computing
  * it; kohya's default case (fp16 weight, float32 merge, fp16 output, one module) is one pass
- * over the bytes after the sgemm (fused_prepare, fused_f16). A syncer thread starts the disk
- * writeback as it goes, so the final fsync is short.
+ * over the bytes after the sgemm (fused_prepare, fused_f16). Once its copies are done, the
+ * copier computes fused-path tensors too, from the other end of the list (struct hjob). A
+ * syncer thread starts the disk writeback as it goes, so the final fsync is short.
  * Memory: the input's mapping (page cache; pages this process read are released as it goes),
- * the up @ down product of the largest weight a network changes (float32), 1.5 MiB of chunks
- * and, off the fused path, one more float32 copy of that weight.
+ * the up @ down product of the largest weight a network changes (float32; a second one for the
+ * copier when it computes too), 2 MiB of chunks and, off the fused path, one more float32 copy
+ * of that weight.
  *
  * .safetensors: the header is computed first (names, shapes and dtypes are known before any
  * value, so is every tensor's offset), then the tensors are written in the reference writer's
@@ -331,26 +333,34 @@ static lora_status merged_f32(struct stream *st, const struct lora_tensor *t, co
 }
 
 /* kohya's default case in one pass (fused_f16): an fp16 tensor of one part, merged in float32,
- * saved as fp16, with one module. Returns 1 when it applies, with the module's up @ down in
- * st->tmp and its scale in *scale; 0 when the general path must (merged_f32). */
-static int fused_prepare(struct stream *st, const struct lora_tensor *t, const struct tplan *tp, float *scale) {
+ * saved as fp16, with one module. Returns that module (its scale in *scale) when it applies,
+ * NULL when the general path must (merged_f32). Reads the plan only: the helper's tensors are
+ * chosen with it before the threads start. */
+static const struct net_module *fused_module(const struct stream *st, const struct lora_tensor *t,
+                                             const struct tplan *tp, float *scale) {
     if (tp->np != 1 || tp->mods != 1 || t->dtype != LORA_DTYPE_F16 || tp->cur != LORA_DTYPE_F32 ||
         tp->out != LORA_DTYPE_F16 || tp->p[0].off != 0)
-        return 0;
+        return NULL;
     int64_t tgi = (tp->p[0].is_te ? st->te_tg : st->un_tg)[tp->p[0].idx];
-    if (tgi < 0) return 0;
+    if (tgi < 0) return NULL;
     const struct net_target *tg = &st->tg[tgi];
     int64_t n = tmap_numel(t);
-    if (tg->out * tg->in * tg->kh * tg->kw != n || n > st->max_numel) return 0;   /* the general path reports it */
+    if (tg->out * tg->in * tg->kh * tg->kw != n || n > st->max_numel) return NULL;   /* the general path reports it */
     for (int64_t i = 0; i < st->n_nets; i++) {
         int64_t k = st->mod[i * st->nt + tgi];
         if (k < 0) continue;
-        const struct net_module *mm = &st->nets[i]->m[k];
-        module_product(mm, st->tmp);
-        *scale = module_scale(mm, st->ratios[i]);
-        return 1;
+        *scale = module_scale(&st->nets[i]->m[k], st->ratios[i]);
+        return &st->nets[i]->m[k];
     }
-    return 0;
+    return NULL;
+}
+
+/* fused_module, with the module's up @ down in st->tmp when it applies (returns 1). */
+static int fused_prepare(struct stream *st, const struct lora_tensor *t, const struct tplan *tp, float *scale) {
+    const struct net_module *mm = fused_module(st, t, tp, scale);
+    if (!mm) return 0;
+    module_product(mm, st->tmp);
+    return 1;
 }
 
 /* Elements [e0, e0 + n) of a tensor without modules, cast (precision, then save precision) into
@@ -372,6 +382,7 @@ static lora_status cast_range(struct stream *st, const struct lora_tensor *t, co
 }
 
 #define MERGE_CHUNK ((int64_t)1 << 18)   /* elements per cast chunk (1 MiB of float32) */
+#define OUT_CHUNK ((int64_t)1 << 18)     /* elements per output chunk the computing threads write */
 
 /* Pages of the input mapping a written tensor came from are dropped from this process (the
  * page cache keeps them), so the resident set stays near one tensor. */
@@ -516,7 +527,26 @@ static int open_mapped_file(const void *map, uint64_t map_size) {
  * every 64 MiB (sync_file_range WRITE, which can block while the device queue is full: hence a
  * thread that only waits), so the final fsync finds most of the file on disk already. Neither
  * thread records errors in the context (one thread at a time): the copier keeps errno and the
- * failing call, which the merging thread reports after joining it. */
+ * failing call, which the merging thread reports after joining it.
+ *
+ * Once its copies are done, the copier computes changed tensors too (on 2 cores the merging
+ * thread's one-thread sgemm is the bottleneck, by far with OpenBLAS's AVX2 kernels): the
+ * tensors of kohya's default case (fused path) form a list in file order; the merging thread
+ * claims them from the front as it reaches them, the copier from the back, one at a time under
+ * the mutex, until they meet. Both compute a tensor with the same code (module_product with a
+ * one-thread sgemm, fused_f16, 1 MiB pwrites), each with its own float32 product buffer, so
+ * the bytes do not depend on which thread took it. Only on <= 2 CPU threads (where the
+ * merging thread's sgemm runs on one thread too) and with OpenMP (the team size is set per
+ * thread). */
+struct hjob {                 /* a changed tensor either thread may compute */
+    const uint16_t *src;      /* fp16 input */
+    int64_t n;                /* elements */
+    uint64_t dst_off;
+    const struct net_module *mm;
+    float scale;
+    int64_t wi;               /* its index in the write order */
+};
+
 struct cjob {
     const void *data;
     uint64_t nbytes, dst_off;
@@ -540,6 +570,11 @@ struct copier {
     int64_t n_jobs;
     uint16_t *cb;             /* MERGE_CHUNK 16-bit values: a NaN tensor's canonical bytes */
     uint64_t written, synced; /* bytes written by both threads; those handed to writeback */
+    const struct hjob *hjobs;
+    int64_t n_hjobs;
+    uint8_t *owner;           /* per hjob, under mu: 0 unclaimed, 1 the merging thread's, 2 the copier's */
+    float *htmp;              /* the copier's up @ down product (the largest hjob's elements) */
+    uint16_t *hob;            /* OUT_CHUNK fp16 values: its output chunk */
 };
 
 #define WRITEBACK_STEP ((uint64_t)64 << 20)
@@ -628,6 +663,42 @@ static int write_canonical(struct copier *c, const struct cjob *j, const char **
     return 0;
 }
 
+/* The copier's share of the computing, after its copies: hjobs from the back until it meets
+ * the merging thread (or stop). Returns an errno, 0 when fine. */
+static int help_merge(struct copier *c, const char **what) {
+#if LORA_HAVE_OPENMP
+    omp_set_num_threads(1);   /* this thread's setting: OpenBLAS sizes the sgemm's team from it */
+#endif
+    for (int64_t k = c->n_hjobs - 1; k >= 0; k--) {
+        pthread_mutex_lock(&c->mu);
+        int mine = !c->stop && c->owner[k] == 0;
+        if (mine) c->owner[k] = 2;
+        pthread_mutex_unlock(&c->mu);
+        if (!mine) return 0;   /* the merging thread has this one and every one before it */
+        const struct hjob *h = &c->hjobs[k];
+        module_product(h->mm, c->htmp);
+        *what = "write";
+        for (int64_t e = 0; e < h->n; e += OUT_CHUNK) {
+            int64_t n = h->n - e < OUT_CHUNK ? h->n - e : OUT_CHUNK;
+            fused_f16(h->src + e, c->htmp + e, h->scale, c->hob, n, 1);
+            int err = pwrite_all(c->out_fd, c->hob, (uint64_t)n * 2, h->dst_off + (uint64_t)e * 2);
+            if (err) return err;
+            add_written(c, (uint64_t)n * 2);
+        }
+        release_pages(h->src, (uint64_t)h->n * 2, c->map, c->map_size);   /* read: done with its pages */
+    }
+    return 0;
+}
+
+/* 1 when the merging thread may compute hjob k (it claims it), 0 when the copier has it. */
+static int claim_hjob(struct copier *c, int64_t k) {
+    pthread_mutex_lock(&c->mu);
+    int mine = c->owner[k] == 0;
+    if (mine) c->owner[k] = 1;
+    pthread_mutex_unlock(&c->mu);
+    return mine;
+}
+
 static void *copier_main(void *arg) {
     struct copier *c = arg;
     const uint8_t *run = NULL;   /* pending copy: input bytes [run, run + run_len) to run_dst */
@@ -658,6 +729,7 @@ static void *copier_main(void *arg) {
         }
         if (j->scan) release_pages(j->data, j->nbytes, c->map, c->map_size);   /* read: done with its pages */
     }
+    if (!e && c->n_hjobs > 0) e = help_merge(c, &what);
     pthread_mutex_lock(&c->mu);
     if (e) {
         c->err = e;
@@ -707,8 +779,6 @@ static int keeps_bytes(const struct lora_tensor *t, const struct tplan *tp, int 
     *scan = 1;
     return 1;
 }
-
-#define OUT_CHUNK ((int64_t)1 << 18)   /* elements per output chunk the merging thread writes */
 
 /* Sink of the computed bytes: a .ckpt's tensor buffer, or the .safetensors file at an offset. */
 struct sink {
@@ -778,6 +848,7 @@ lora_status ops_merge_file(struct sd_model *sd, const struct lora_network *const
     tmap_init(&plan_map, ctx);
     struct wslot *w = NULL;
     struct cjob *jobs = NULL;
+    struct hjob *hjobs = NULL;
     char *hdr = NULL;
     size_t hlen = 0;
     struct atomic_file af;
@@ -818,15 +889,32 @@ lora_status ops_merge_file(struct sd_model *sd, const struct lora_network *const
         s = st_header(ctx, out_path, w, ldm.n, &hdr, &hlen);
         if (!s && !(jobs = lora_calloc(ctx, (size_t)ldm.n + 1, sizeof *jobs))) s = LORA_E_NOMEM;
         if (!s && !(cp.cb = lora_malloc(ctx, (size_t)MERGE_CHUNK * 2))) s = LORA_E_NOMEM;
+        /* the copier computes too where both threads' sgemm runs on one thread (see hjob) */
+        int help = LORA_HAVE_OPENMP && st.nt_cpu <= 2;
+        if (!s && help && !(hjobs = lora_calloc(ctx, (size_t)ldm.n + 1, sizeof *hjobs))) s = LORA_E_NOMEM;
         uint64_t off = hlen;
+        int64_t hmax = 0;
         for (int64_t i = 0; i < ldm.n && !s; i++) {   /* the copier's share, in file order */
             struct tplan tp;
             int scan;
+            float scale = 0;
+            const struct net_module *mm;
             classify(&st, w[i].t, &tp);
             if (keeps_bytes(w[i].t, &tp, &scan) && w[i].nbytes)
                 jobs[cp.n_jobs++] = (struct cjob){w[i].t->data, w[i].nbytes, off, w[i].t->dtype, scan};
+            else if (help && tp.mods && (mm = fused_module(&st, w[i].t, &tp, &scale))) {
+                hjobs[cp.n_hjobs++] = (struct hjob){w[i].t->data, tmap_numel(w[i].t), off, mm, scale, i};
+                if (tmap_numel(w[i].t) > hmax) hmax = tmap_numel(w[i].t);
+            }
             off += w[i].nbytes;
         }
+        /* its own product buffer: with the merging thread's st.tmp, two float32 copies of the
+         * largest changed weight (SD1.5: ff.net.0.proj, 1280 x 10240, 52 MB each) */
+        if (!s && cp.n_hjobs > 0 &&
+            (!(cp.owner = lora_calloc(ctx, (size_t)cp.n_hjobs, 1)) || !(cp.htmp = lora_malloc(ctx, (size_t)hmax * 4)) ||
+             !(cp.hob = lora_malloc(ctx, (size_t)OUT_CHUNK * 2))))
+            s = LORA_E_NOMEM;
+        cp.hjobs = hjobs;
         if (!s && !(s = atomic_file_begin(ctx, out_path, &af))) begun = 1;
         if (!s) {
             int e = pwrite_all(af.fd, hdr, hlen, 0);
@@ -872,6 +960,7 @@ lora_status ops_merge_file(struct sd_model *sd, const struct lora_network *const
     if (omp_prev != st.nt_cpu) omp_set_num_threads(st.nt_cpu);
 #endif
     uint64_t off = hlen;
+    int64_t hk = 0;   /* the next hjob in write order */
     for (int64_t i = 0; i < ldm.n && !s; i++) {
         const struct lora_tensor *t = w[i].t;
         struct tplan tp;
@@ -880,7 +969,9 @@ lora_status ops_merge_file(struct sd_model *sd, const struct lora_network *const
         if (tp.out != w[i].dt) { s = lora_fail(ctx, LORA_E_INTERNAL, "merge: dtype plan of '%s' changed", t->name); break; }
         int keep = keeps_bytes(t, &tp, &scan);
         if (as_ckpt && keep && scan && lora_half_has_nan(t->dtype, t->data, tmap_numel(t))) keep = 0;
-        if (!as_ckpt && keep) {
+        int helped = 0;
+        if (threaded && hk < cp.n_hjobs && cp.hjobs[hk].wi == i) helped = !claim_hjob(&cp, hk++);
+        if ((!as_ckpt && keep) || helped) {
             /* the copier's */
         } else if (as_ckpt && keep) {
             s = ckpt_stream_tensor(cs, t->data, w[i].nbytes);
@@ -919,6 +1010,10 @@ lora_status ops_merge_file(struct sd_model *sd, const struct lora_network *const
     lora_free(ctx, hdr);
     lora_free(ctx, w);
     lora_free(ctx, jobs);
+    lora_free(ctx, hjobs);
+    lora_free(ctx, cp.owner);
+    lora_free(ctx, cp.htmp);
+    lora_free(ctx, cp.hob);
     tmap_clear(&ldm);
     lora_free(ctx, st.f);
     lora_free(ctx, st.tmp);
