@@ -3,6 +3,7 @@
 #ifndef LORA_TEST_H
 #define LORA_TEST_H
 
+#include <dirent.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -46,6 +47,27 @@ static inline uint8_t *test_slurp(const char *path, size_t *len) {
     fclose(f);
     *len = n > 0 ? (size_t)n : 0;
     return b;
+}
+
+/* 1 when both files are readable and byte for byte equal. */
+static inline int test_same_file(const char *a, const char *b) {
+    size_t na = 0, nb = 0;
+    uint8_t *x = test_slurp(a, &na), *y = test_slurp(b, &nb);
+    int same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* Entries of `dir` whose name contains "lora-tmp" (the library's atomic-write temp files). */
+static inline int test_temp_files(const char *dir) {
+    DIR *d = opendir(dir);
+    int n = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        if (strstr(e->d_name, "lora-tmp")) n++;
+    if (d) closedir(d);
+    return n;
 }
 
 static inline int test_finish(const char *name) {

@@ -257,8 +257,7 @@ static lora_status save_model(const lora_model *model, const char *path, const l
         if (s == LORA_OK) s = cast_map(ctx, &model->sd.extra, 0, &merged.extra);
         src = &merged;
     }
-    if (s != LORA_OK) {
-    } else if (strncmp(as, "diffusers", 9) == 0) {
+    if (s == LORA_OK && strncmp(as, "diffusers", 9) == 0) {
         struct sd_model view;
         sd_model_init(&view, ctx);
         view.cfg = model->sd.cfg;
@@ -270,7 +269,7 @@ static lora_status save_model(const lora_model *model, const char *path, const l
             lora_log(ctx, LORA_LOG_WARN, "%s: %lld tensors without a diffusers name (EMA, buffers) are not part of a "
                      "diffusers folder; save as safetensors or ckpt to keep them", path, (long long)model->sd.extra.n);
         sd_model_clear(&view);
-    } else {
+    } else if (s == LORA_OK) {
         struct tensor_map ldm, cast;
         tmap_init(&ldm, ctx);
         tmap_init(&cast, ctx);

@@ -18,16 +18,6 @@
 
 static char dir[256];
 
-static int temp_files_left(void) {
-    DIR *d = opendir(dir);
-    int n = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d)))
-        if (strstr(e->d_name, "lora-tmp")) n++;
-    if (d) closedir(d);
-    return n;
-}
-
 static lora_status merge(lora_ctx *ctx, const char *model, lora_network *net, const char *out) {
     lora_params *o = NULL;
     CHECK_STATUS(lora_params_create(ctx, &o), LORA_OK);
@@ -79,7 +69,7 @@ static void faults(lora_ctx *ctx, const char *model, lora_network *net, const ch
         CHECK_MSG(file_is(out, previous, sizeof previous), ".%s limit %llu: the existing file changed", ext,
                   (unsigned long long)limits[i]);
         CHECK_MSG(access(fresh, F_OK) != 0, ".%s limit %llu: a partial output was left", ext, (unsigned long long)limits[i]);
-        CHECK_MSG(temp_files_left() == 0, ".%s limit %llu: temp file left", ext, (unsigned long long)limits[i]);
+        CHECK_MSG(test_temp_files(dir) == 0, ".%s limit %llu: temp file left", ext, (unsigned long long)limits[i]);
     }
     signal(SIGXFSZ, old);
     /* nowhere to create a file: /proc/self, a missing directory */

@@ -20,25 +20,6 @@
 static const char *data_dir;
 static char tmp_dir[256];
 
-static int same_file(const char *a, const char *b) {
-    size_t na = 0, nb = 0;
-    uint8_t *x = test_slurp(a, &na), *y = test_slurp(b, &nb);
-    int same = x && y && na == nb && memcmp(x, y, na) == 0;
-    free(x);
-    free(y);
-    return same;
-}
-
-static int temp_files_left(void) {
-    DIR *d = opendir(tmp_dir);
-    int n = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d)))
-        if (strstr(e->d_name, "lora-tmp")) n++;
-    if (d) closedir(d);
-    return n;
-}
-
 #define POISONED "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
 #define VAE_T "first_stage_model.decoder.conv_in.weight"
 
@@ -78,7 +59,7 @@ static void test_nan_copy(lora_ctx *ctx) {
     lora_model_free(m);
     lora_status s = lora_merge_file(ctx, model, (const lora_network *const *)&net, &ratio, 1, str, lo);
     CHECK_MSG(s == LORA_OK, "merge_file: %s", lora_errmsg(ctx));
-    CHECK_MSG(same_file(mem, str), "NaN model: streamed file differs from the in-memory merge");
+    CHECK_MSG(test_same_file(mem, str), "NaN model: streamed file differs from the in-memory merge");
 
     CHECK_STATUS(st_read_map(ctx, str, &out, NULL), LORA_OK);
     int64_t po = tmap_find(&out, POISONED), vo = tmap_find(&out, VAE_T);
@@ -103,7 +84,7 @@ static void test_nan_copy(lora_ctx *ctx) {
     CHECK_STATUS(lora_model_save(m, memc, so), LORA_OK);
     lora_model_free(m);
     CHECK_STATUS(lora_merge_file(ctx, model, (const lora_network *const *)&net, &ratio, 1, strc, lo), LORA_OK);
-    CHECK_MSG(same_file(memc, strc), "NaN model: streamed .ckpt differs from the in-memory merge's");
+    CHECK_MSG(test_same_file(memc, strc), "NaN model: streamed .ckpt differs from the in-memory merge's");
     unlink(memc);
     unlink(strc);
     printf("NaN payloads in an untouched tensor: streamed == in-memory (.safetensors, .ckpt), NaNs canonical, "
@@ -169,7 +150,7 @@ static void test_ckpt_stream(lora_ctx *ctx) {
     }
     CHECK_STATUS(ckpt_stream_finish(cs), LORA_OK);
     CHECK_STATUS(ckpt_write(ctx, b, &m, 1), LORA_OK);
-    CHECK_MSG(same_file(a, b), "streamed .ckpt differs from ckpt_write's");
+    CHECK_MSG(test_same_file(a, b), "streamed .ckpt differs from ckpt_write's");
     CHECK_STATUS(ckpt_read(ctx, a, &back), LORA_OK);
     CHECK_MSG(back.n == m.n, "%lld tensors read back, %lld written", (long long)back.n, (long long)m.n);
     int64_t bad = 0;
@@ -190,16 +171,16 @@ static void test_ckpt_stream(lora_ctx *ctx) {
     CHECK_STATUS(ckpt_stream_tensor(cs, m.t[0].data, m.t[0].nbytes + 1), LORA_E_INVALID_ARG);
     CHECK_MSG(strstr(lora_errmsg(ctx), "archive/data/0") != NULL, "message: %s", lora_errmsg(ctx));
     ckpt_stream_abort(cs);
-    CHECK(access(a, F_OK) != 0 && temp_files_left() == 0);
+    CHECK(access(a, F_OK) != 0 && test_temp_files(tmp_dir) == 0);
     CHECK_STATUS(ckpt_stream_begin(ctx, a, &m, 0, &cs), LORA_OK);
     CHECK_STATUS(ckpt_stream_tensor(cs, m.t[0].data, m.t[0].nbytes), LORA_OK);
     CHECK_STATUS(ckpt_stream_finish(cs), LORA_E_INVALID_ARG);   /* 1 of 12 written */
-    CHECK(access(a, F_OK) != 0 && temp_files_left() == 0);
+    CHECK(access(a, F_OK) != 0 && test_temp_files(tmp_dir) == 0);
     CHECK_STATUS(ckpt_stream_begin(ctx, a, &m, 0, &cs), LORA_OK);
     for (int64_t i = 0; i < m.n; i++) CHECK_STATUS(ckpt_stream_tensor(cs, m.t[i].data, m.t[i].nbytes), LORA_OK);
     CHECK_STATUS(ckpt_stream_tensor(cs, m.t[0].data, m.t[0].nbytes), LORA_E_INVALID_ARG);   /* one too many */
     ckpt_stream_abort(cs);
-    CHECK(access(a, F_OK) != 0 && temp_files_left() == 0);
+    CHECK(access(a, F_OK) != 0 && test_temp_files(tmp_dir) == 0);
     tmap_clear(&m);
 }
 
@@ -212,7 +193,7 @@ int main(void) {
     CHECK_STATUS(lora_ctx_create(LORA_ABI_VERSION, &ctx), LORA_OK);
     test_nan_copy(ctx);
     test_ckpt_stream(ctx);
-    CHECK(temp_files_left() == 0);
+    CHECK(test_temp_files(tmp_dir) == 0);
     uint64_t host = 1;
     lora_ctx_memory(ctx, &host, NULL, NULL, NULL);
     CHECK_MSG(host == 0, "%llu host bytes leaked", (unsigned long long)host);

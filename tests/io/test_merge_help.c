@@ -18,25 +18,6 @@
 static const char *data_dir;
 static char tmp_dir[256];
 
-static int same_file(const char *a, const char *b) {
-    size_t na = 0, nb = 0;
-    uint8_t *x = test_slurp(a, &na), *y = test_slurp(b, &nb);
-    int same = x && y && na == nb && memcmp(x, y, na) == 0;
-    free(x);
-    free(y);
-    return same;
-}
-
-static int temp_files_left(void) {
-    DIR *d = opendir(tmp_dir);
-    int n = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d)))
-        if (strstr(e->d_name, "lora-tmp")) n++;
-    if (d) closedir(d);
-    return n;
-}
-
 struct cancel_at { int64_t at, seen, total; };
 static int32_t cancel_cb(void *user, lora_phase phase, int64_t done, int64_t total, double value) {
     (void)value;
@@ -84,7 +65,7 @@ int main(void) {
         for (int run = 0; run < 3; run++) {
             lora_status s = lora_merge_file(ctx, mp, (const lora_network *const *)&net, &ratio, 1, out, lo);
             CHECK_MSG(s == LORA_OK, "merge_file on %d threads: %s", th, lora_errmsg(ctx));
-            int eq = same_file(mem, out);
+            int eq = test_same_file(mem, out);
             CHECK_MSG(eq, "%d threads, run %d: streamed file differs from the in-memory merge", th, run);
             same += eq;
             unlink(out);
@@ -114,7 +95,7 @@ int main(void) {
         CHECK_MSG(b && n == sizeof old && memcmp(b, old, n) == 0, "cancel at %lld of %lld: %s changed", (long long)ats[k],
                   (long long)total, out);
         free(b);
-        CHECK_MSG(temp_files_left() == 0, "cancel at %lld: a temp file is left in %s", (long long)ats[k], tmp_dir);
+        CHECK_MSG(test_temp_files(tmp_dir) == 0, "cancel at %lld: a temp file is left in %s", (long long)ats[k], tmp_dir);
         CHECK_MSG(c.seen == ats[k], "cancel at %lld: progress went on to %lld", (long long)ats[k], (long long)c.seen);
         unlink(out);
     }

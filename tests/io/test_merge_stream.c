@@ -33,25 +33,6 @@ static char *model_path(int v) {
     return test_path_join(data_dir, p);
 }
 
-static int same_file(const char *a, const char *b) {
-    size_t na = 0, nb = 0;
-    uint8_t *x = test_slurp(a, &na), *y = test_slurp(b, &nb);
-    int same = x && y && na == nb && memcmp(x, y, na) == 0;
-    free(x);
-    free(y);
-    return same;
-}
-
-static int temp_files_left(void) {
-    DIR *d = opendir(tmp_dir);
-    int n = 0;
-    struct dirent *e;
-    while (d && (e = readdir(d)))
-        if (strstr(e->d_name, "lora-tmp")) n++;
-    if (d) closedir(d);
-    return n;
-}
-
 static float *to_f32(lora_ctx *ctx, const struct lora_tensor *t) {
     int64_t n = tmap_numel(t);
     float *f = malloc((size_t)n * 4 + 4);
@@ -83,7 +64,7 @@ static void stream_vs_memory(lora_ctx *ctx, int v, lora_network **nets, const do
     lora_model_free(m);
     lora_status s = lora_merge_file(ctx, mp, (const lora_network *const *)nets, ratios, 2, b, lo);
     CHECK_MSG(s == LORA_OK, "merge_file v%d %s %s %s: %s", v, prec, save, ext, lora_errmsg(ctx));
-    int same = same_file(a, b);
+    int same = test_same_file(a, b);
     CHECK_MSG(same, "v%d precision %s save '%s' .%s: streamed file differs from the in-memory merge", v, prec, save, ext);
     if (same) printf("v%d .%-11s -> precision %-5s save %-5s .%-11s streamed == in-memory\n", v, model_ext, prec,
            *save ? save : "keep", ext);
@@ -160,7 +141,7 @@ static void test_cancel(lora_ctx *ctx, lora_network **nets, const double *ratios
         lora_ctx_set_progress(ctx, NULL, NULL);
         struct stat sb;
         CHECK_MSG(stat(out, &sb) != 0, "cancelled merge left %s", out);
-        CHECK_MSG(temp_files_left() == 0, "cancelled merge left a temp file in %s", tmp_dir);
+        CHECK_MSG(test_temp_files(tmp_dir) == 0, "cancelled merge left a temp file in %s", tmp_dir);
         CHECK_MSG(c.seen == 5, "progress stopped at %lld", (long long)c.seen);
     }
     /* bad arguments: same path in and out, wrong ratio count */
@@ -186,7 +167,7 @@ static void test_cancel(lora_ctx *ctx, lora_network **nets, const double *ratios
     const double one = 1.0;
     CHECK_STATUS(lora_merge_file(ctx, mp, (const lora_network *const *)&n2, &one, 1, out, NULL), LORA_E_NO_MATCHING_KEYS);
     struct stat sb;
-    CHECK_MSG(stat(out, &sb) != 0 && temp_files_left() == 0, "failed merges left files in %s", tmp_dir);
+    CHECK_MSG(stat(out, &sb) != 0 && test_temp_files(tmp_dir) == 0, "failed merges left files in %s", tmp_dir);
     unlink(out);
     lora_network_free(n2);
     free(v1net);
